@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The project's two commands (see README):
+#   bash run.sh         set up, then run the main job
+#   bash run.sh test    set up, then run the test suite
+# Set-up: Debian data packages (when root or passwordless sudo is there),
+# a .venv with the project and its extras. Re-running skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES="dataset-fashion-mnist openclipart-svg tuxpaint-stamps-default libcairo2"
+
+setup_apt() {
+  local missing=()
+  for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      echo "note: not root; install the offline data with: sudo apt-get install ${missing[*]}" >&2; return 0; fi
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "note: no apt-get here; the offline datasets (${missing[*]}) are Debian packages" >&2; return 0
+  fi
+  echo "== apt-get install ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_venv() {
+  local py=${PYTHON:-python3}
+  [ -x .venv/bin/python ] || { echo "== creating .venv"; "$py" -m venv .venv; }
+  # Reinstall only when the dependency list changed.
+  local stamp=.venv/.asif-installed want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "== pip install -e .[all] (first time: several minutes, torch is large)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[all]"
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup_apt
+setup_venv
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export MPLBACKEND=${MPLBACKEND:-Agg}
+
+case "${1:-main}" in
+  test)
+    shift || true
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  main)
+    mkdir -p build
+    .venv/bin/python - <<'PY'
+import numpy as np, asif_core as ac
+d = ac.synthetic_coupled_data(n_anchors=20000, n_classes=10, n_templates=4, n_images=2000, noise=2.0, seed=0)
+for k in ("anchor_images", "anchor_texts", "images", "labels", "prompts"):
+    np.save(f"build/synthetic_{k}.npy", d[k])
+PY
+    exec .venv/bin/asif sweep --anchor-images build/synthetic_anchor_images.npy \
+      --anchor-texts build/synthetic_anchor_texts.npy --images build/synthetic_images.npy \
+      --labels build/synthetic_labels.npy --prompts build/synthetic_prompts.npy --n-classes 10 \
+      --non-zeros 800 --exponents 8 3 1 --n-anchors 1000 2000 5000 10000 20000 \
+      --dataset synthetic --out build/synthetic_sweep.json
+    ;;
+  *)
+    echo "usage: bash run.sh [main|test [pytest args]]" >&2; exit 2 ;;
+esac

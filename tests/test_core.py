@@ -1,0 +1,315 @@
+"""asif_core against a brute-force dense float64 reference, plus properties."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import asif_core as ac
+
+
+# --- the reference: the method of the design, written as plainly as possible
+
+def ref_relative(q, a, k, p):
+    """Dense [Q, N] r(x): cosine, negatives 0, top-k (ties to lower index), ^p, L2."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    s = np.maximum(q.astype(np.float64) @ a.astype(np.float64).T, 0)
+    out = np.zeros_like(s)
+    for i, row in enumerate(s):
+        keep = np.argsort(-row, kind="stable")[:min(k, len(row))]
+        out[i, keep] = row[keep] ** p
+        n = np.linalg.norm(out[i])
+        if n > 0:
+            out[i] /= n
+    return out
+
+
+def ref_scores(ai, at, x, prompts, c, k, p, reduce):
+    rx, rt = ref_relative(x, ai, k, p), ref_relative(prompts, at, k, p)
+    t = len(prompts) // c
+    if reduce == "max":
+        return (rx @ rt.T).reshape(len(x), c, t).max(axis=2)
+    m = rt.reshape(c, t, -1).mean(axis=1)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    return rx @ m.T
+
+
+def rand(shape, seed):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+@pytest.fixture
+def tiny():
+    return ac.synthetic_coupled_data(n_anchors=97, n_classes=4, n_templates=3, n_images=23,
+                                     image_dim=12, text_dim=7, latent_dim=5, noise=1.5, seed=3, dtype=np.float64)
+
+
+# --- relative representations
+
+@pytest.mark.parametrize("block", [1, 7, 32, 1000])
+@pytest.mark.parametrize("k", [1, 5, 40, 97, 500])
+@pytest.mark.parametrize("p", [1, 3, 8])
+def test_relative_matches_reference(block, k, p):
+    q, a = rand((9, 6), 0), rand((97, 6), 1)
+    r = ac.relative_representation(q, a, k, p, block_size=block, dtype="float64", device="cpu")
+    np.testing.assert_allclose(r.to_dense().numpy(), ref_relative(q, a, k, p), atol=1e-12)
+    assert r.indices.shape == (9, min(k, 97))
+
+
+def test_float32_default_close_to_reference():
+    q, a = rand((20, 32), 2), rand((3000, 32), 3)
+    r = ac.relative_representation(q, a, 50, 8, block_size=256)
+    assert r.values.dtype == torch.float32
+    np.testing.assert_allclose(r.to_dense().numpy(), ref_relative(q, a, 50, 8), atol=2e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 10])
+def test_ties_go_to_the_lower_anchor_index(block):
+    # Entries +-1 in 4 dims: norms are 2, so every cosine is an exact sum of
+    # +-1/4 whatever the summation order, and equal anchors tie exactly. The
+    # reference keeps the earliest of equal anchors; so must the stream.
+    rng = np.random.default_rng(4)
+    base = rng.choice([-1.0, 1.0], (5, 4))
+    a = np.concatenate([base, base, base[::-1], base, rng.choice([-1.0, 1.0], (7, 4))])
+    q = np.concatenate([base[:3], rng.choice([-1.0, 1.0], (5, 4))])
+    for k in (1, 2, 3, 6, 7, 12):
+        r = ac.relative_representation(q, a, k, 3, block_size=block, dtype="float64")
+        ref = ref_relative(q, a, k, 3)
+        np.testing.assert_allclose(r.to_dense().numpy(), ref, atol=1e-12)
+        pos = r.values > 0
+        want = [sorted(np.flatnonzero(row > 0)) for row in ref]
+        assert [sorted(r.indices[i][pos[i]].tolist()) for i in range(len(q))] == want
+
+
+def test_sparsity_norm_and_no_negatives():
+    q, a = rand((30, 8), 6), rand((400, 8), 7)
+    for k in (10, 400, 1000):
+        top, = ac.top_k_similarities(q, a, k, block_size=33, dtype="float64")
+        kk = min(k, 400)
+        assert top.values.shape == (30, kk) and top.indices.shape == (30, kk)
+        assert (top.values >= 0).all()
+        # distinct anchors per row, and nothing outside the top-k
+        assert all(len(set(row.tolist())) == kk for row in top.indices)
+        s = np.maximum((q / np.linalg.norm(q, axis=1, keepdims=True)) @ (a / np.linalg.norm(a, axis=1, keepdims=True)).T, 0)
+        kth = np.sort(s, axis=1)[:, -kk]
+        assert (top.values.numpy() >= kth[:, None] - 1e-12).all()
+        r = ac.sharpen(top, 8)
+        assert torch.allclose(torch.linalg.vector_norm(r.values, dim=1), torch.ones(30, dtype=r.values.dtype))
+
+
+def test_all_negative_row_gives_zero_representation():
+    a = np.eye(4)
+    q = -np.ones((1, 4))
+    r = ac.relative_representation(q, a, 2, 8, dtype="float64")
+    assert torch.count_nonzero(r.values) == 0
+
+
+def test_rotation_of_either_space_changes_nothing(tiny):
+    d = tiny
+    rng = np.random.default_rng(9)
+    r1, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    r2, _ = np.linalg.qr(rng.standard_normal((7, 7)))
+    args = dict(n_anchors=[30, 97], exponents=[1, 8], non_zeros=20, dtype="float64", return_scores=True)
+    a = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4, **args)
+    b = ac.sweep(d["anchor_images"] @ r1, d["anchor_texts"] @ r2, d["images"] @ r1, d["labels"], d["prompts"] @ r2, 4, **args)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x["scores"], y["scores"], atol=1e-10)
+        assert x["acc1"] == y["acc1"]
+
+
+def test_scaling_inputs_changes_nothing(tiny):
+    d = tiny
+    s1 = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, non_zeros=10, dtype="float64")
+    s2 = ac.classify(d["anchor_images"] * 7.5, d["anchor_texts"] * 0.01, d["images"] * 3, d["prompts"] * 2, 4,
+                     non_zeros=10, dtype="float64")
+    np.testing.assert_allclose(s1, s2, atol=1e-12)
+
+
+# --- similarity, classification, sweep
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("k,p", [(5, 1), (20, 3), (97, 8), (300, 8)])
+def test_class_scores_match_reference(tiny, reduce, k, p):
+    d = tiny
+    s = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, non_zeros=k, exponent=p,
+                    reduce=reduce, dtype="float64", block_size=16)
+    ref = ref_scores(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, k, p, reduce)
+    np.testing.assert_allclose(s.numpy(), ref, atol=1e-12)
+
+
+def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
+    q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
+    model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
+    ref = ref_relative(q, ai, 9, 3) @ ref_relative(t, at, 9, 3).T
+    for cost in (0.0, 1e9):  # force the sparse product, then the dense one
+        monkeypatch.setattr(ac, "SPARSE_OP_COST", cost)
+        s = model.similarity(q, t)
+        np.testing.assert_allclose(s, ref, atol=1e-12)
+        assert (s >= -1e-15).all() and (s <= 1 + 1e-12).all()
+
+
+def test_every_point_of_the_sweep_equals_a_run_on_that_prefix(tiny):
+    d = tiny
+    sizes, ps = [3, 10, 50, 97], [1, 3, 8]
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4,
+                    n_anchors=sizes, exponents=ps, non_zeros=20, dtype="float64", block_size=7, return_scores=True)
+    assert [(r["n_anchors"], r["exponent"]) for r in rows] == [(n, float(p)) for n in sizes for p in ps]
+    for r in rows:
+        n = r["n_anchors"]
+        alone = ac.sweep(d["anchor_images"][:n], d["anchor_texts"][:n], d["images"], d["labels"], d["prompts"], 4,
+                         exponents=[r["exponent"]], non_zeros=20, dtype="float64", return_scores=True)[0]
+        np.testing.assert_allclose(r["scores"], alone["scores"], atol=1e-12)
+        for m in ("acc1", "acc5", "mean_per_class_recall"):
+            assert r[m] == alone[m]
+
+
+def test_sweep_finds_the_signal_in_coupled_data():
+    d = ac.synthetic_coupled_data(n_anchors=2000, n_classes=10, n_images=300, noise=1.0, seed=1)
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 10,
+                    n_anchors=[2000], non_zeros=100)
+    assert rows[0]["acc1"] > 0.5  # chance is 0.1
+    # with the text anchors shuffled the coupling is gone and so is the signal
+    perm = np.random.default_rng(0).permutation(2000)
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"][perm], d["images"], d["labels"], d["prompts"], 10,
+                    non_zeros=100)
+    assert rows[0]["acc1"] < 0.3
+
+
+def test_classification_metrics_by_hand():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    m = ac.classification_metrics(scores, [0, 1, 1, 2])
+    assert m["acc1"] == 0.5
+    assert m["acc5"] == 1.0
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+# --- retrieval and explanations
+
+def test_retrieval_metrics_by_brute_force():
+    rng = np.random.default_rng(0)
+    sim = rng.random((6, 12))
+    owner = np.repeat(np.arange(6), 2)
+    m = ac.retrieval_metrics(sim, owner, ks=(1, 3))
+    for k in (1, 3):
+        i2t = np.mean([bool(set(np.argsort(-sim[i])[:k]) & set(np.flatnonzero(owner == i))) for i in range(6)])
+        t2i = np.mean([owner[j] in np.argsort(-sim[:, j])[:k] for j in range(12)])
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+    perfect = ac.retrieval_metrics(np.eye(4), np.arange(4), ks=(1,))
+    assert perfect["image_retrieval_recall@1"] == perfect["text_retrieval_recall@1"] == 1.0
+
+
+def test_explanation_products_sum_to_the_similarity(tiny):
+    d = tiny
+    model = ac.ASIF(d["anchor_images"], d["anchor_texts"], non_zeros=40, exponent=3, dtype="float64",
+                    captions=[f"pair {i}" for i in range(97)])
+    x, t = d["images"][0], d["prompts"][0]
+    parts = model.explain(x, t, top=1000)
+    sim = model.similarity(x[None], t[None])[0, 0]
+    assert sum(p["product"] for p in parts) == pytest.approx(sim)
+    assert sum(p["share"] for p in parts) == pytest.approx(1.0)
+    assert [p["product"] for p in parts] == sorted((p["product"] for p in parts), reverse=True)
+    rx, rt = ref_relative(x[None], d["anchor_images"], 40, 3)[0], ref_relative(t[None], d["anchor_texts"], 40, 3)[0]
+    best = int(np.argmax(rx * rt))
+    assert parts[0]["anchor"] == best and parts[0]["caption"] == f"pair {best}"
+    assert len(model.explain(x, t, top=2)) == 2
+
+
+# --- the model: updates, save/load, memmaps
+
+def test_add_and_remove_equal_a_rebuild(tiny):
+    d = tiny
+    ai, at = d["anchor_images"], d["anchor_texts"]
+    caps = [f"c{i}" for i in range(97)]
+    grown = ac.ASIF(ai[:60], at[:60], 12, 3, dtype="float64", captions=caps[:60]).add_anchors(ai[60:], at[60:], caps[60:])
+    full = ac.ASIF(ai, at, 12, 3, dtype="float64", captions=caps)
+    np.testing.assert_allclose(grown.similarity(d["images"], d["prompts"]), full.similarity(d["images"], d["prompts"]), atol=0)
+    drop = [0, 5, 50, 96]
+    keep = np.setdiff1d(np.arange(97), drop)
+    shrunk = full.remove_anchors(drop)
+    rebuilt = ac.ASIF(ai[keep], at[keep], 12, 3, dtype="float64")
+    np.testing.assert_allclose(shrunk.similarity(d["images"], d["prompts"]), rebuilt.similarity(d["images"], d["prompts"]), atol=0)
+    assert shrunk.captions == [caps[i] for i in keep]
+
+
+def test_save_load_round_trip(tmp_path, tiny):
+    d = tiny
+    caps = [f"a caption, number {i} \u00e9" for i in range(97)]
+    model = ac.ASIF(d["anchor_images"], d["anchor_texts"], 11, 5, captions=caps, meta={"image": {"encoder": "x"}})
+    model.save(tmp_path / "set")
+    model.save(tmp_path / "set")  # overwriting leaves one complete set, no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    back = ac.ASIF.load(tmp_path / "set", verify=True)
+    assert isinstance(back.anchor_images, np.memmap)
+    assert (back.non_zeros, back.exponent, back.captions) == (11, 5.0, caps)
+    assert back.meta["image"]["encoder"] == "x"
+    np.testing.assert_array_equal(np.asarray(back.anchor_texts), d["anchor_texts"])
+    np.testing.assert_allclose(back.similarity(d["images"], d["prompts"]), model.similarity(d["images"], d["prompts"]))
+    # a corrupted shard is caught by verify
+    shard = tmp_path / "set" / "image" / "embeddings-00000.npy"
+    raw = bytearray(shard.read_bytes()); raw[-1] ^= 0xFF; shard.write_bytes(bytes(raw))
+    with pytest.raises(ac.ASIFInputError, match="sha256"):
+        ac.ASIF.load(tmp_path / "set", verify=True)
+
+
+def test_sharded_memmap_anchors_stream_like_arrays(tmp_path, tiny):
+    d = tiny
+    ac.save_embedding_set(tmp_path / "img", d["anchor_images"].astype(np.float16), {"encoder": "x"}, shard_rows=10)
+    es = ac.load_embedding_set(tmp_path / "img", verify=True)
+    assert isinstance(es.array, ac.ShardedArray) and es.array.shape == (97, 12)
+    a16 = d["anchor_images"].astype(np.float16).astype(np.float64)
+    top, = ac.top_k_similarities(d["images"], es.array, 9, block_size=13)
+    ref, = ac.top_k_similarities(d["images"], a16, 9, dtype="float64")
+    np.testing.assert_allclose(np.sort(top.values.numpy(), 1), np.sort(ref.values.numpy(), 1), atol=1e-6)
+
+
+def test_block_size_from_memory_budget():
+    cpu = torch.device("cpu")
+    small = ac.choose_block_size(2000, 768, cpu, torch.float32, memory_budget=8 * 2**20)
+    large = ac.choose_block_size(2000, 768, cpu, torch.float32, memory_budget=512 * 2**20)
+    assert 1 <= small < large
+    assert small * (4 * (2000 + 768) + 4 * 768) <= 8 * 2**20
+
+
+# --- bad input: a clear error that names the argument
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: dict(a, anchor_texts=a["anchor_texts"][:-1]), "coupled"),
+    (lambda a: dict(a, images=a["images"][:, :-1]), "images: has dim"),
+    (lambda a: dict(a, prompts=a["prompts"][0]), "prompts: expected a 2-D"),
+    (lambda a: dict(a, images=np.where(np.arange(a["images"].size).reshape(a["images"].shape) == 5, np.nan, a["images"])), "row 0 holds NaN"),
+    (lambda a: dict(a, anchor_images=np.vstack([a["anchor_images"][:3], np.zeros((1, 12)), a["anchor_images"][4:]])), "row 3 is all zeros"),
+    (lambda a: dict(a, n_classes=0), "empty class list"),
+    (lambda a: dict(a, n_classes=5), "do not split"),
+    (lambda a: dict(a, labels=a["labels"][:-1]), "labels"),
+    (lambda a: dict(a, labels=a["labels"] + 10), "labels: values"),
+    (lambda a: dict(a, non_zeros=0), "non_zeros"),
+    (lambda a: dict(a, exponents=[0]), "exponent"),
+    (lambda a: dict(a, exponents=[]), "exponents"),
+    (lambda a: dict(a, n_anchors=[10, 1000]), "n_anchors"),
+    (lambda a: dict(a, reduce="sum"), "reduce"),
+    (lambda a: dict(a, images=np.zeros((0, 12))), "empty"),
+])
+def test_bad_input_is_named(tiny, mutate, match):
+    args = dict(tiny)
+    args.update(n_anchors=[10, 97], exponents=[8], non_zeros=20, reduce="max")
+    args = mutate(args)
+    with pytest.raises(ac.ASIFInputError, match=match):
+        ac.sweep(args["anchor_images"], args["anchor_texts"], args["images"], args["labels"], args["prompts"],
+                 args["n_classes"], n_anchors=args["n_anchors"], exponents=args["exponents"],
+                 non_zeros=args["non_zeros"], reduce=args["reduce"])
+
+
+def test_half_precision_is_refused_on_cpu():
+    with pytest.raises(ac.ASIFInputError, match="CUDA"):
+        ac.relative_representation(rand((2, 3), 0), rand((5, 3), 1), 2, dtype="float16", device="cpu")
+
+
+def test_memmap_with_nan_found_while_streaming(tmp_path):
+    a = rand((50, 4), 0)
+    a[37, 2] = np.nan
+    np.save(tmp_path / "a.npy", a)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    with pytest.raises(ac.ASIFInputError, match="row 37"):
+        ac.relative_representation(rand((3, 4), 1), mm, 5, block_size=8)
