@@ -501,10 +501,27 @@ def _anchor_blocks(anchors, bounds: Sequence[int], block_size: int, device: torc
     for stop in bounds:
         while start < stop:
             end = min(stop, start + (first_block if start == 0 and first_block else block_size))
-            raw = anchors[start:end]
-            _check_values(raw, name, start)
-            yield end, _to_tensor(raw, device, dtype)
+            yield end, _normalized_block(anchors[start:end], device, dtype, name, start)
             start = end
+
+
+def _normalized_block(raw, device: torch.device, dtype: torch.dtype, name: str, offset: int) -> torch.Tensor:
+    """A block of anchors as a normalised tensor; its row norms double as the check.
+
+    A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
+    one pass finds both without a separate scan of the (maybe huge) anchors.
+    """
+    t = torch.from_numpy(np.array(raw, copy=not (isinstance(raw, np.ndarray) and raw.flags.writeable
+                                                   and raw.flags.c_contiguous))) if not torch.is_tensor(raw) else raw
+    if not t.is_floating_point():
+        raise ASIFInputError(f"{name}: dtype {t.dtype} is not floating point; pass float embeddings")
+    t = t.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    bad = ~torch.isfinite(norms) | (norms == 0)
+    if bool(bad.any()):
+        _check_values(raw, name, offset)  # names the row and the fault
+        raise ASIFInputError(f"{name}: a row near {offset} has values too large to normalise; rescale the embeddings")
+    return (t / norms).to(dtype)
 
 
 def _validate_sizes(n_anchors: int, sizes: Iterable[int] | None) -> list[int]:
@@ -613,7 +630,7 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 24.0
+SPARSE_OP_COST = 300.0
 
 
 def _to_sparse(rep: RelativeRepresentation) -> torch.Tensor:
@@ -627,39 +644,46 @@ def _to_sparse(rep: RelativeRepresentation) -> torch.Tensor:
 def _sparse_similarity(a: torch.Tensor, b: torch.Tensor, memory_budget: int | None = None) -> torch.Tensor:
     """Dense [Qa, Qb] = a @ b.T for sparse COO a [Qa, N], b [Qb, N].
 
-    Two exact ways, chosen by cost: a dense product over the anchors that
-    both sides use (BLAS; best when few anchors, so every anchor is in many
-    top-k lists) or a sparse-sparse product (best with many anchors, when
-    the lists rarely meet).
+    sum_j a[:, j] b[:, j]^T splits over anchors j, and each anchor's term is
+    computed the cheaper of two exact ways: anchors in many top-k lists on
+    both sides (hubs; all of them when there are few anchors) as one dense
+    BLAS product over those columns, the rest as a sparse-sparse product.
     """
-    n = a.shape[1]
+    qa, qb, n = a.shape[0], b.shape[0], a.shape[1]
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    out = torch.zeros(qa, qb, dtype=out_dtype, device=a.device)
     ia, ib = a.indices()[1], b.indices()[1]
     ca = torch.bincount(ia, minlength=n)
     cb = torch.bincount(ib, minlength=n)
-    both = (ca > 0) & (cb > 0)
-    u = int(both.sum())
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
-    if u == 0:
-        return torch.zeros(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
-    sparse_ops = float((ca[both].double() * cb[both].double()).sum())
-    dense_ops = float(a.shape[0]) * b.shape[0] * u
-    budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
-    dense_bytes = 4 * u * (a.shape[0] + b.shape[0])
-    if a.device.type == "cuda" or (dense_ops <= SPARSE_OP_COST * sparse_ops and dense_bytes <= budget):
-        # Columns used by both sides, renumbered 0..u-1; entries elsewhere
-        # multiply a zero and are dropped.
+    if a.device.type == "cuda":
+        hub = (ca > 0) & (cb > 0)  # a GPU does dense products so fast that all anchors go there
+    else:
+        hub = (ca.double() * cb.double() * SPARSE_OP_COST) > (qa * qb)
+        budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
+        if int(hub.sum()) * (qa + qb) * 4 > budget:  # keep the dense part within memory
+            order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
+            hub = torch.zeros(n, dtype=torch.bool, device=a.device)
+            hub[order] = True
+            hub &= (ca > 0) & (cb > 0)
+    u = int(hub.sum())
+    if u:
         col = torch.full((n,), -1, dtype=torch.long, device=a.device)
-        col[both] = torch.arange(u, device=a.device)
+        col[hub] = torch.arange(u, device=a.device)
         def densify(m, rows):
             keep = col[m.indices()[1]] >= 0
             d = torch.zeros(rows, u, dtype=m.dtype, device=m.device)
             d[m.indices()[0][keep], col[m.indices()[1][keep]]] = m.values()[keep]
             return d
-        return densify(a, a.shape[0]) @ densify(b, b.shape[0]).T
-    import warnings
-    with warnings.catch_warnings():  # torch calls its sparse kernels "beta"; they are exact
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse.mm(a, b.t().coalesce()).to_dense()
+        out += densify(a, qa) @ densify(b, qb).T
+    rest = ~hub[ib] & (ca[ib] > 0)  # empty on CUDA, where every shared anchor is a hub
+    if bool(rest.any()):
+        # scipy's sparse-sparse product is several times faster than torch's on the CPU.
+        import scipy.sparse as sp
+        ai, bi = a.indices().numpy(), b.indices()[:, rest].numpy()
+        sa = sp.csr_matrix((a.values().numpy(), (ai[0], ai[1])), shape=(qa, n))
+        sb = sp.csr_matrix((b.values()[rest].numpy(), (bi[0], bi[1])), shape=(qb, n))
+        out += torch.from_numpy((sa @ sb.T).toarray()).to(out_dtype)
+    return out
 
 
 def similarity(image_rep: RelativeRepresentation, text_rep: RelativeRepresentation) -> torch.Tensor:

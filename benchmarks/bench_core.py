@@ -1,0 +1,167 @@
+"""Speed and memory of the ASIF core against the bare matrix products.
+
+    python benchmarks/bench_core.py                 # the issue's default shapes
+    python benchmarks/bench_core.py --memmap 2000000 # also sweep a float16 memmap of 2M anchors
+
+Prints, for synthetic normalised embeddings: the wall time of the
+accuracy-vs-anchors sweep (all counts, one pass), of one evaluation at all
+anchors, of the bare products queries @ anchors.T over all anchors (both
+modalities, same blocks), their ratios, and the peak anonymous memory above
+the inputs. The figures go to benchmarks/README.md by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import asif_core as ac  # noqa: E402
+
+
+def rss_anon() -> int:
+    """Resident anonymous memory of this process in bytes (page cache of memmaps excluded)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Polls RssAnon in a thread; .peak is the high-water mark above the start."""
+
+    def __enter__(self):
+        self.start, self.peak, self._stop = rss_anon(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_anon() - self.start)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon() - self.start)
+
+
+def embeddings(n, dim, rng, latent):
+    """Normalised rows with shared low-rank structure, as real encoders give (hubs, clusters)."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 50000):
+        m = min(50000, n - s)
+        z = rng.standard_normal((m, latent.shape[0])).astype(np.float32)
+        x = z @ latent + 0.5 * rng.standard_normal((m, dim)).astype(np.float32)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def bare_products(queries, prompts, anchor_images, anchor_texts, block):
+    """queries @ anchors.T over all anchors, both modalities, in the sweep's blocks."""
+    q, p = torch.from_numpy(queries), torch.from_numpy(prompts)
+    for s in range(0, len(anchor_images), block):
+        ai = torch.from_numpy(np.asarray(anchor_images[s:s + block], dtype=np.float32))
+        at = torch.from_numpy(np.asarray(anchor_texts[s:s + block], dtype=np.float32))
+        q @ ai.T
+        p @ at.T
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--queries", type=int, default=2000)
+    ap.add_argument("--image-dim", type=int, default=768)
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--templates", type=int, default=18)
+    ap.add_argument("--text-dim", type=int, default=384)
+    ap.add_argument("--anchors", type=int, default=200000)
+    ap.add_argument("--non-zeros", type=int, default=800)
+    ap.add_argument("--exponent", type=float, default=8.0)
+    ap.add_argument("--counts", type=int, nargs="+",
+                    default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 200000])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--memmap", type=int, default=0, help="also sweep a float16 memmap of this many anchors")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    li = rng.standard_normal((32, args.image_dim)).astype(np.float32) / 4
+    lt = rng.standard_normal((32, args.text_dim)).astype(np.float32) / 4
+    a_img = embeddings(args.anchors, args.image_dim, rng, li)
+    a_txt = embeddings(args.anchors, args.text_dim, rng, lt)
+    x = embeddings(args.queries, args.image_dim, rng, li)
+    prompts = embeddings(args.classes * args.templates, args.text_dim, rng, lt)
+    y = rng.integers(0, args.classes, args.queries)
+    dev = torch.device("cpu")
+    block = ac.choose_block_size(len(x) + len(prompts), args.image_dim + args.text_dim, dev, torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; queries {x.shape}, prompts {prompts.shape}, "
+          f"anchors {a_img.shape} + {a_txt.shape}; k={args.non_zeros} p={args.exponent}; block {block}")
+
+    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device="cpu")
+    t_bare, _ = timed(lambda: bare_products(x, prompts, a_img, a_txt, block), args.repeat)
+    with PeakMemory() as mem_one:
+        t_one, rows_one = timed(lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes,
+                                                 n_anchors=[args.anchors], **common), args.repeat)
+    with PeakMemory() as mem_sweep:
+        t_sweep, rows = timed(lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes,
+                                               n_anchors=args.counts, **common), args.repeat)
+    assert rows[-1]["acc1"] == rows_one[0]["acc1"]
+    res = {
+        "bare_products_s": t_bare, "one_evaluation_s": t_one, "sweep_s": t_sweep,
+        "one_evaluation_over_bare": t_one / t_bare, "sweep_over_bare": t_sweep / t_bare,
+        "sweep_over_one_evaluation": t_sweep / t_one, "n_counts": len(args.counts),
+        "peak_extra_memory_one_MiB": mem_one.peak / 2**20, "peak_extra_memory_sweep_MiB": mem_sweep.peak / 2**20,
+        "inputs_MiB": (a_img.nbytes + a_txt.nbytes + x.nbytes + prompts.nbytes) / 2**20,
+    }
+    print(f"bare products (all {args.anchors} anchors, both modalities): {t_bare:7.2f} s")
+    print(f"one evaluation at {args.anchors} anchors:                  {t_one:7.2f} s   {t_one / t_bare:.2f}x bare")
+    print(f"sweep, {len(args.counts)} counts in one pass:                     {t_sweep:7.2f} s   "
+          f"{t_sweep / t_bare:.2f}x bare, {t_sweep / t_one:.2f}x one evaluation")
+    print(f"peak memory above inputs ({res['inputs_MiB']:.0f} MiB): one {mem_one.peak / 2**20:.0f} MiB, "
+          f"sweep {mem_sweep.peak / 2**20:.0f} MiB")
+
+    if args.memmap:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("ASIF_BENCH_TMP")) as tmp:
+            paths = []
+            for name, dim, lat in (("img", args.image_dim, li), ("txt", args.text_dim, lt)):
+                path = Path(tmp) / f"{name}.npy"
+                mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(args.memmap, dim))
+                for s in range(0, args.memmap, 100000):
+                    mm[s:s + 100000] = embeddings(min(100000, args.memmap - s), dim, rng, lat)
+                mm.flush()
+                del mm
+                paths.append(path)
+            mi, mt = (np.load(p, mmap_mode="r") for p in paths)
+            size = sum(p.stat().st_size for p in paths) / 2**30
+            with PeakMemory() as mem_mm:
+                t_mm, rows_mm = timed(lambda: ac.sweep(mi, mt, x, y, prompts, args.classes,
+                                                       n_anchors=[args.memmap // 8, args.memmap // 2, args.memmap],
+                                                       progress=True, **common))
+            res.update(memmap_anchors=args.memmap, memmap_GiB=size, memmap_sweep_s=t_mm,
+                       memmap_peak_extra_memory_MiB=mem_mm.peak / 2**20)
+            print(f"memmap float16 {args.memmap} anchors ({size:.2f} GiB on disk), 3 counts: {t_mm:.1f} s, "
+                  f"peak anonymous memory above start {mem_mm.peak / 2**20:.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
