@@ -23,6 +23,7 @@ embedding dims, ``C`` classes, ``T`` templates per class.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import errno
 import glob
@@ -875,16 +876,23 @@ def _encode_rows(encoder, kind: str, items: Sequence, rows: range, batch_size: i
     the others stay where they are, so image i still pairs with caption i."""
     out = np.zeros((len(rows), encoder.dim), dtype=np.float32)
     failed, good, payload = [], [], []
-    for k, r in enumerate(rows):
-        if kind == "text":
-            good.append(k)
-            payload.append(str(items[r]))
-            continue
-        try:
-            payload.append(load_image(items[r]))
-            good.append(k)
-        except Exception as e:  # any decoder/renderer error: record it, never die on one image
-            failed.append({"row": int(r), "id": ids[r], "error": f"{type(e).__name__}: {e}"})
+    if kind == "text":
+        good, payload = list(range(len(rows))), [str(items[r]) for r in rows]
+    else:
+        def attempt(r):
+            try:
+                return load_image(items[r]), None
+            except Exception as e:  # any decoder/renderer error: record it, never die on one image
+                return None, f"{type(e).__name__}: {e}"
+        # Decoding and SVG rendering release the GIL for most of their time:
+        # a few threads keep them from serialising in front of the encoder.
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
+                if error is None:
+                    payload.append(image)
+                    good.append(k)
+                else:
+                    failed.append({"row": int(r), "id": ids[r], "error": error})
     if payload:
         vectors = np.asarray(encoder.encode(payload, batch_size=batch_size, progress=False), dtype=np.float32)
         if vectors.shape != (len(payload), encoder.dim):
