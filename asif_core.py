@@ -418,10 +418,12 @@ class _RunningTopK:
     """Top-k of one query matrix over anchors that arrive in blocks, in order.
 
     The cost that matters is the matrix product; selection must stay small
-    beside it. After the first k anchors, only block entries above a row's
-    current k-th value can enter (a later anchor that ties loses to the
-    earlier one), and after a few blocks those are a handful per row, so
-    the merge sorts k + few values instead of k + block.
+    beside it. Once k anchors are held, only block entries above a row's
+    k-th value can enter (a later anchor that ties loses to the earlier
+    one), and after a few blocks those are a handful per row. They are
+    collected block after block against that threshold (it only rises, so a
+    stale one lets through more, never too few) and merged into the top-k
+    when they add up to about k per row, or when an exact state is needed.
     """
 
     def __init__(self, queries: torch.Tensor, k: int):
@@ -429,6 +431,10 @@ class _RunningTopK:
         self.k = k
         self.values = queries.new_zeros((queries.shape[0], 0))
         self.indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+        self.threshold = None             # [Q, 1] k-th value at the last merge
+        self.pending = []                 # [(rows, slots, anchor indices, values)] above threshold
+        self.n_pending = 0
+        self.row_fill = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
         self.seen = 0
 
     def update(self, block: torch.Tensor) -> None:
@@ -436,28 +442,45 @@ class _RunningTopK:
         sims = self.queries @ block.T  # [Q, b], the expensive step
         offset, b = self.seen, sims.shape[1]
         self.seen += b
-        held = self.values.shape[1]
-        if held < self.k:
+        if self.values.shape[1] < self.k:
             # Still filling: every anchor is a candidate (negatives count as 0).
             sims.clamp_(min=0)
             cand_v = torch.cat([self.values, sims], dim=1)
             cand_i = torch.cat([self.indices, torch.arange(offset, offset + b, device=sims.device).expand(sims.shape[0], b)], dim=1)
             self._select(cand_v, cand_i)
             return
-        threshold = self.values.min(dim=1, keepdim=True).values  # [Q, 1], >= 0
-        mask = sims > threshold
-        rows, cols = mask.nonzero(as_tuple=True)
-        if rows.numel() == 0:
+        mask = sims > self.threshold
+        if sims.device.type == "cpu":
+            # numpy finds the few set entries of a large mask several times faster than torch
+            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        else:
+            flat = mask.view(-1).nonzero().squeeze(1)
+        if flat.numel():
+            rows = flat // b  # row-major: grouped by row, anchor order kept within a row
+            counts = torch.bincount(rows, minlength=sims.shape[0])
+            # each entry's slot in its row's padded candidate list, after the pending ones
+            slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+            slot += self.row_fill[rows]
+            self.row_fill += counts
+            self.pending.append((rows, slot, flat % b + offset, sims.view(-1)[flat]))
+            self.n_pending += flat.numel()
+            if self.n_pending > self.k * sims.shape[0]:
+                self.merge()
+
+    def merge(self) -> None:
+        """Fold the pending candidates into the top-k; the state is then exact."""
+        if not self.pending:
             return
-        counts = torch.bincount(rows, minlength=sims.shape[0])
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+        rows, slot, idx, vals = (torch.cat(x) for x in zip(*self.pending))
+        width = int(self.row_fill.max())
+        self.pending, self.n_pending = [], 0
+        self.row_fill.zero_()
+        q = self.values.shape[0]
         # Padding -1 is below every real (clamped) value: never selected.
-        pad_v = sims.new_full((sims.shape[0], width), -1.0)
-        pad_i = torch.zeros((sims.shape[0], width), dtype=torch.long, device=sims.device)
-        pad_v[rows, slot] = sims[rows, cols]
-        pad_i[rows, slot] = cols + offset
+        pad_v = self.values.new_full((q, width), -1.0)
+        pad_i = torch.zeros((q, width), dtype=torch.long, device=rows.device)
+        pad_v[rows, slot] = vals
+        pad_i[rows, slot] = idx
         self._select(torch.cat([self.values, pad_v], dim=1), torch.cat([self.indices, pad_i], dim=1))
 
     def _select(self, cand_v: torch.Tensor, cand_i: torch.Tensor) -> None:
@@ -465,26 +488,32 @@ class _RunningTopK:
         k = min(self.k, cand_v.shape[1])
         if k == cand_v.shape[1]:
             self.values, self.indices = cand_v, cand_i
-            return
-        v, pos = torch.topk(cand_v, k, dim=1, sorted=False)
-        # torch.topk breaks ties arbitrarily. Only a row whose k-th value is
-        # shared by a candidate left out can be wrong; redo those rows with a
-        # stable sort on (-value, index). Zero values are interchangeable
-        # (they add nothing to r), so ties at 0 need no repair.
-        kth = v.min(dim=1, keepdim=True).values
-        n_tied_all = (cand_v == kth).sum(dim=1)
-        n_tied_kept = (v == kth).sum(dim=1)
-        bad = ((n_tied_all > n_tied_kept) & (kth.squeeze(1) > 0)).nonzero().squeeze(1)
-        idx = cand_i.gather(1, pos)
-        if bad.numel():
-            bv, bi = cand_v[bad], cand_i[bad]
-            order = torch.argsort(bi, dim=1, stable=True)
-            bv, bi = bv.gather(1, order), bi.gather(1, order)
-            order = torch.argsort(-bv, dim=1, stable=True)[:, :k]
-            v[bad], idx[bad] = bv.gather(1, order), bi.gather(1, order)
-        self.values, self.indices = v, idx
+        else:
+            v, pos = torch.topk(cand_v, k, dim=1, sorted=False)
+            idx = cand_i.gather(1, pos)
+            # torch.topk breaks ties arbitrarily. A row is wrong only if a
+            # candidate equal to its k-th value was left out, i.e. if more
+            # than k candidates reach that value; redo those rows with a
+            # stable sort on (-value, index). Zero values are interchangeable
+            # (they add nothing to r), so ties at 0 need no repair.
+            kth = v.min(dim=1, keepdim=True).values
+            if cand_v.device.type == "cpu":
+                reach = torch.from_numpy(np.count_nonzero((cand_v >= kth).numpy(), axis=1))
+            else:
+                reach = (cand_v >= kth).sum(dim=1)
+            bad = ((reach > k) & (kth.squeeze(1) > 0)).nonzero().squeeze(1)
+            if bad.numel():
+                bv, bi = cand_v[bad], cand_i[bad]
+                order = torch.argsort(bi, dim=1, stable=True)
+                bv, bi = bv.gather(1, order), bi.gather(1, order)
+                order = torch.argsort(-bv, dim=1, stable=True)[:, :k]
+                v[bad], idx[bad] = bv.gather(1, order), bi.gather(1, order)
+            self.values, self.indices = v, idx
+        if self.values.shape[1] == self.k:
+            self.threshold = self.values.min(dim=1, keepdim=True).values
 
     def snapshot(self) -> TopK:
+        self.merge()
         v = self.values if self.values.dtype == torch.float64 else self.values.float()
         return TopK(v.clone(), self.indices.clone(), self.seen)
 
@@ -500,7 +529,11 @@ def _anchor_blocks(anchors, bounds: Sequence[int], block_size: int, device: torc
     start = 0
     for stop in bounds:
         while start < stop:
-            end = min(stop, start + (first_block if start == 0 and first_block else block_size))
+            # Blocks grow from first_block to block_size, each at most as large
+            # as what came before it: a young threshold lets many entries
+            # through, so the block it filters is kept small.
+            size = block_size if not first_block else min(block_size, max(first_block, start))
+            end = min(stop, start + size)
             yield end, _normalized_block(anchors[start:end], device, dtype, name, start)
             start = end
 
@@ -630,59 +663,81 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 300.0
+SPARSE_OP_COST = 400.0
 
 
-def _to_sparse(rep: RelativeRepresentation) -> torch.Tensor:
-    """[Q, N] sparse COO, coalesced (duplicate indices are summed)."""
+@dataclass
+class _Entries:
+    """A sparse [n_rows, N] matrix as coordinate lists without duplicates: rows, cols, vals [nnz]."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    shape: tuple
+
+
+def _entries(rep: RelativeRepresentation) -> _Entries:
+    """The nonzero entries of r (top-k indices are distinct, so no summing is needed)."""
     q, k = rep.indices.shape
     rows = torch.arange(q, device=rep.indices.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([rows, rep.indices.reshape(-1)]), rep.values.reshape(-1),
-                                   (q, rep.n_anchors), check_invariants=False).coalesce()
+    cols, vals = rep.indices.reshape(-1), rep.values.reshape(-1)
+    zero = vals == 0  # clamped negatives and underflowed powers add nothing
+    if bool(zero.any()):
+        rows, cols, vals = rows[~zero], cols[~zero], vals[~zero]
+    return _Entries(rows, cols, vals, (q, rep.n_anchors))
 
 
-def _sparse_similarity(a: torch.Tensor, b: torch.Tensor, memory_budget: int | None = None) -> torch.Tensor:
-    """Dense [Qa, Qb] = a @ b.T for sparse COO a [Qa, N], b [Qb, N].
+def _csr(m: _Entries):
+    """scipy CSR of entries whose rows are in ascending order (as _entries and coalesce give them).
+
+    Built from the row pointers directly: no sorting, no duplicate pass.
+    """
+    import scipy.sparse as sp
+    indptr = np.zeros(m.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(m.rows.numpy(), minlength=m.shape[0]), out=indptr[1:])
+    return sp.csr_matrix((m.vals.numpy(), m.cols.numpy(), indptr), shape=m.shape)
+
+
+def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = None) -> torch.Tensor:
+    """Dense [Qa, Qb] = a @ b.T for sparse a [Qa, N], b [Qb, N].
 
     sum_j a[:, j] b[:, j]^T splits over anchors j, and each anchor's term is
     computed the cheaper of two exact ways: anchors in many top-k lists on
     both sides (hubs; all of them when there are few anchors) as one dense
     BLAS product over those columns, the rest as a sparse-sparse product.
     """
-    qa, qb, n = a.shape[0], b.shape[0], a.shape[1]
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
-    out = torch.zeros(qa, qb, dtype=out_dtype, device=a.device)
-    ia, ib = a.indices()[1], b.indices()[1]
-    ca = torch.bincount(ia, minlength=n)
-    cb = torch.bincount(ib, minlength=n)
-    if a.device.type == "cuda":
+    (qa, n), qb = a.shape, b.shape[0]
+    dev = a.vals.device
+    out_dtype = torch.promote_types(a.vals.dtype, b.vals.dtype)
+    out = torch.zeros(qa, qb, dtype=out_dtype, device=dev)
+    ca = torch.bincount(a.cols, minlength=n)
+    cb = torch.bincount(b.cols, minlength=n)
+    if dev.type == "cuda":
         hub = (ca > 0) & (cb > 0)  # a GPU does dense products so fast that all anchors go there
     else:
         hub = (ca.double() * cb.double() * SPARSE_OP_COST) > (qa * qb)
         budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
         if int(hub.sum()) * (qa + qb) * 4 > budget:  # keep the dense part within memory
             order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
-            hub = torch.zeros(n, dtype=torch.bool, device=a.device)
+            hub = torch.zeros(n, dtype=torch.bool, device=dev)
             hub[order] = True
             hub &= (ca > 0) & (cb > 0)
     u = int(hub.sum())
     if u:
-        col = torch.full((n,), -1, dtype=torch.long, device=a.device)
-        col[hub] = torch.arange(u, device=a.device)
-        def densify(m, rows):
-            keep = col[m.indices()[1]] >= 0
-            d = torch.zeros(rows, u, dtype=m.dtype, device=m.device)
-            d[m.indices()[0][keep], col[m.indices()[1][keep]]] = m.values()[keep]
+        col = torch.full((n,), -1, dtype=torch.long, device=dev)
+        col[hub] = torch.arange(u, device=dev)
+
+        def densify(m: _Entries) -> torch.Tensor:
+            c = col[m.cols]
+            keep = c >= 0
+            d = torch.zeros(m.shape[0], u, dtype=m.vals.dtype, device=dev)
+            d[m.rows[keep], c[keep]] = m.vals[keep]
             return d
-        out += densify(a, qa) @ densify(b, qb).T
-    rest = ~hub[ib] & (ca[ib] > 0)  # empty on CUDA, where every shared anchor is a hub
+        out += densify(a) @ densify(b).T
+    rest = ~hub[b.cols] & (ca[b.cols] > 0)  # empty on CUDA, where every shared anchor is a hub
     if bool(rest.any()):
         # scipy's sparse-sparse product is several times faster than torch's on the CPU.
-        import scipy.sparse as sp
-        ai, bi = a.indices().numpy(), b.indices()[:, rest].numpy()
-        sa = sp.csr_matrix((a.values().numpy(), (ai[0], ai[1])), shape=(qa, n))
-        sb = sp.csr_matrix((b.values()[rest].numpy(), (bi[0], bi[1])), shape=(qb, n))
-        out += torch.from_numpy((sa @ sb.T).toarray()).to(out_dtype)
+        sb = _Entries(b.rows[rest], b.cols[rest], b.vals[rest], b.shape)
+        out += torch.from_numpy((_csr(a) @ _csr(sb).T).toarray()).to(out_dtype)
     return out
 
 
@@ -691,7 +746,7 @@ def similarity(image_rep: RelativeRepresentation, text_rep: RelativeRepresentati
     if image_rep.n_anchors != text_rep.n_anchors:
         raise ASIFInputError(f"representations over {image_rep.n_anchors} and {text_rep.n_anchors} anchors; "
                              f"both sides must use the same anchor set")
-    return _sparse_similarity(_to_sparse(image_rep), _to_sparse(text_rep))
+    return _sparse_similarity(_entries(image_rep), _entries(text_rep))
 
 
 def _check_classes(n_prompts: int, n_classes) -> int:
@@ -703,16 +758,16 @@ def _check_classes(n_prompts: int, n_classes) -> int:
     return int(n_prompts // n_classes)
 
 
-def _class_means(text_rep: RelativeRepresentation, n_classes: int) -> torch.Tensor:
+def _class_means(text_rep: RelativeRepresentation, n_classes: int) -> _Entries:
     """Prompt ensemble: per class the mean of its templates' r(t), re-normalised. Sparse [C, N]."""
     t = _check_classes(text_rep.n_queries, n_classes)
-    k = text_rep.indices.shape[1]
-    rows = torch.arange(n_classes, device=text_rep.indices.device).repeat_interleave(t * k)
-    m = torch.sparse_coo_tensor(torch.stack([rows, text_rep.indices.reshape(-1)]), text_rep.values.reshape(-1) / t,
-                                (n_classes, text_rep.n_anchors), check_invariants=False).coalesce()
-    norms = torch.zeros(n_classes, dtype=m.dtype, device=m.device).index_add_(0, m.indices()[0], m.values() ** 2).sqrt()
-    return torch.sparse_coo_tensor(m.indices(), m.values() / norms.clamp_min(1e-30)[m.indices()[0]], m.shape,
-                                   check_invariants=False).coalesce()
+    e = _entries(text_rep)
+    # prompts are class-major: prompt row r belongs to class r // t
+    m = torch.sparse_coo_tensor(torch.stack([e.rows // t, e.cols]), e.vals / t, (n_classes, text_rep.n_anchors),
+                                check_invariants=False).coalesce()  # sums the templates' shared anchors
+    rows, cols = m.indices()
+    norms = torch.zeros(n_classes, dtype=m.dtype, device=m.device).index_add_(0, rows, m.values() ** 2).sqrt()
+    return _Entries(rows, cols, m.values() / norms.clamp_min(1e-30)[rows], (n_classes, text_rep.n_anchors))
 
 
 REDUCES = ("max", "mean")
@@ -732,10 +787,10 @@ def class_scores(image_rep: RelativeRepresentation, prompt_rep: RelativeRepresen
     t = _check_classes(prompt_rep.n_queries, n_classes)
     if image_rep.n_anchors != prompt_rep.n_anchors:
         raise ASIFInputError("images and prompts were represented over different anchor sets")
-    a = _to_sparse(image_rep)
+    a = _entries(image_rep)
     if reduce == "mean":
         return _sparse_similarity(a, _class_means(prompt_rep, n_classes))
-    s = _sparse_similarity(a, _to_sparse(prompt_rep))
+    s = _sparse_similarity(a, _entries(prompt_rep))
     return s.view(s.shape[0], n_classes, t).amax(dim=2)
 
 
