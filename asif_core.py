@@ -435,11 +435,17 @@ class _RunningTopK:
         self.pending = []                 # [(rows, slots, anchor indices, values)] above threshold
         self.n_pending = 0
         self.row_fill = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+        self._buffer = None
         self.seen = 0
 
     def update(self, block: torch.Tensor) -> None:
         """block: [b, d] normalised anchors that follow the ones seen so far."""
-        sims = self.queries @ block.T  # [Q, b], the expensive step
+        q, b = self.queries.shape[0], block.shape[0]
+        if self._buffer is None or self._buffer.numel() < q * b:
+            self._buffer = self.queries.new_empty(q * b)
+        # The product goes into one reused buffer: a fresh multi-100 MB tensor
+        # per block costs its page faults again every time (~10% of the product).
+        sims = torch.mm(self.queries, block.T, out=self._buffer[:q * b].view(q, b))  # [Q, b], the expensive step
         offset, b = self.seen, sims.shape[1]
         self.seen += b
         if self.values.shape[1] < self.k:
@@ -664,6 +670,11 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
 SPARSE_OP_COST = 400.0
+# A sparse product also costs about this many sparse ops per output entry.
+SPARSE_FLOOR = 4.0
+# Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
+DENSIFY_COST = 0.1
+_SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that all agree
 
 
 @dataclass
@@ -711,10 +722,27 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
     out = torch.zeros(qa, qb, dtype=out_dtype, device=dev)
     ca = torch.bincount(a.cols, minlength=n)
     cb = torch.bincount(b.cols, minlength=n)
+    shared = (ca > 0) & (cb > 0)
     if dev.type == "cuda":
-        hub = (ca > 0) & (cb > 0)  # a GPU does dense products so fast that all anchors go there
+        hub = shared  # a GPU does dense products so fast that all anchors go there
     else:
-        hub = (ca.double() * cb.double() * SPARSE_OP_COST) > (qa * qb)
+        # Costs in sparse-op units: a sparse product pays per multiply-add and a
+        # floor per output entry (accumulators, the dense copy); a dense one
+        # pays Qa*Qb per anchor column at BLAS speed. Take the cheapest of all
+        # dense, all sparse, and hubs dense + the rest sparse.
+        ops = ca.double() * cb.double()
+        hub = ops > qa * qb / SPARSE_OP_COST + (qa + qb) * DENSIFY_COST
+        floor = SPARSE_FLOOR * qa * qb
+        per_column = qa * qb / SPARSE_OP_COST + (qa + qb) * DENSIFY_COST  # product + the dense copies
+        dense_cost = per_column * float(shared.sum())
+        sparse_cost = float(ops.sum()) + floor
+        mixed_cost = per_column * float(hub.sum()) + float(ops[~hub].sum()) + floor
+        costs = {"dense": dense_cost, "sparse": sparse_cost, "mixed": mixed_cost}
+        way = _SCORING_WAY or min(costs, key=costs.get)
+        if way == "dense":
+            hub = shared
+        elif way == "sparse":
+            hub = torch.zeros_like(shared)
         budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
         if int(hub.sum()) * (qa + qb) * 4 > budget:  # keep the dense part within memory
             order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
@@ -723,15 +751,15 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
             hub &= (ca > 0) & (cb > 0)
     u = int(hub.sum())
     if u:
-        col = torch.full((n,), -1, dtype=torch.long, device=dev)
+        # Hub columns renumbered 0..u-1; every other anchor goes to a spare
+        # column u that the product leaves out, so no entry needs masking.
+        col = torch.full((n,), u, dtype=torch.long, device=dev)
         col[hub] = torch.arange(u, device=dev)
 
         def densify(m: _Entries) -> torch.Tensor:
-            c = col[m.cols]
-            keep = c >= 0
-            d = torch.zeros(m.shape[0], u, dtype=m.vals.dtype, device=dev)
-            d[m.rows[keep], c[keep]] = m.vals[keep]
-            return d
+            d = torch.zeros(m.shape[0], u + 1, dtype=m.vals.dtype, device=dev)
+            d.view(-1)[m.rows * (u + 1) + col[m.cols]] = m.vals
+            return d[:, :u]
         out += densify(a) @ densify(b).T
     rest = ~hub[b.cols] & (ca[b.cols] > 0)  # empty on CUDA, where every shared anchor is a hub
     if bool(rest.any()):

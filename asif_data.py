@@ -986,19 +986,38 @@ def _check_and_repair(folder, manifest, encoder, kind, items, ids, batch_size, v
     if not verify:
         return _open(folder)
     shard_rows, changed = manifest["shard_rows"], False
+    # Hashing every shard on every hit costs ~1 s per 300 MB. A shard whose
+    # size and modification time are those it had when last verified is not
+    # hashed again; any write to it changes its mtime and brings the hash back.
+    stamps_path = folder / ".progress" / "verified.json"
+    stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    fresh = dict(stamps)
+
+    def stamp(path, sha):
+        st = path.stat()
+        fresh[path.name] = [st.st_size, st.st_mtime_ns, sha]
+
     for i, shard in enumerate(manifest["shards"]):
         path = folder / shard["file"]
-        if path.exists() and sha256_file(path) == shard["sha256"]:
-            continue
+        if path.exists():
+            st = path.stat()
+            if stamps.get(shard["file"]) == [st.st_size, st.st_mtime_ns, shard["sha256"]]:
+                continue
+            if sha256_file(path) == shard["sha256"]:
+                stamp(path, shard["sha256"])
+                continue
         start = i * shard_rows
         block, _ = _encode_rows(encoder, kind, items, range(start, start + shard["rows"]), batch_size, ids)
         shard["sha256"] = atomic_save_npy(path, block)
+        stamp(path, shard["sha256"])
         atomic_write_json(folder / ".progress" / f"{i:05d}.json",
                           {"rows": shard["rows"], "sha256": shard["sha256"],
                            "failed": [f for f in manifest["failed"] if start <= f["row"] < start + shard["rows"]]})
         changed = True
     if changed:
         atomic_write_json(folder / "manifest.json", manifest)
+    if fresh != stamps:
+        atomic_write_json(stamps_path, fresh)
     return _open(folder)
 
 

@@ -202,7 +202,7 @@ class ImageEncoder:
         m255 = torch.tensor(self.data_config["mean"], dtype=torch.float32) * 255
         s255 = torch.tensor(self.data_config["std"], dtype=torch.float32) * 255
         self._mean, self._inv_std = m255.view(1, 3, 1, 1), (1 / s255).view(1, 3, 1, 1)
-        self._session = _onnx_session(self) if backend == "onnx" else None
+        self._onnx = None  # ONNX Runtime session, built at the first encode (cache hits never need it)
 
     def __repr__(self):
         return (f"ImageEncoder({self.name!r}, dim={self.dim}, device={self.device}, dtype={self.dtype}"
@@ -262,8 +262,10 @@ class ImageEncoder:
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
         """``x: [b, 3, H, W]`` -> features ``[b, dim]`` (or logits ``[b, 1000]``)."""
-        if self._session is not None and pre_logits:
-            return torch.from_numpy(self._session.run(None, {"x": x.numpy()})[0])
+        if self.backend == "onnx" and pre_logits:
+            if self._onnx is None:
+                self._onnx = _onnx_session(self)
+            return torch.from_numpy(self._onnx.run(None, {"x": x.numpy()})[0])
         x = x.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last, non_blocking=True)
         return self.model.forward_head(self.model.forward_features(x), pre_logits=pre_logits)
 

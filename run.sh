@@ -43,7 +43,6 @@ setup_venv() {
 setup_apt
 setup_venv
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-export MPLBACKEND=${MPLBACKEND:-Agg}
 
 case "${1:-main}" in
   test)

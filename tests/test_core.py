@@ -142,8 +142,9 @@ def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
     q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
     model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
     ref = ref_relative(q, ai, 9, 3) @ ref_relative(t, at, 9, 3).T
-    for cost in (0.0, 3.0, 1e9):  # all sparse, hubs dense and the rest sparse, all dense
-        monkeypatch.setattr(ac, "SPARSE_OP_COST", cost)
+    for way in ("sparse", "mixed", "dense"):
+        monkeypatch.setattr(ac, "_SCORING_WAY", way)
+        monkeypatch.setattr(ac, "SPARSE_OP_COST", 3.0)  # so that "mixed" has hubs and a sparse rest
         s = model.similarity(q, t)
         np.testing.assert_allclose(s, ref, atol=1e-12)
         assert (s >= -1e-15).all() and (s <= 1 + 1e-12).all()
