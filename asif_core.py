@@ -675,6 +675,7 @@ SPARSE_FLOOR = 4.0
 # Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
 DENSIFY_COST = 0.1
 _SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that all agree
+_DENSE_ROWS = None   # tests force the row chunking that a GPU uses when memory is short
 
 
 @dataclass
@@ -756,11 +757,23 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         col = torch.full((n,), u, dtype=torch.long, device=dev)
         col[hub] = torch.arange(u, device=dev)
 
-        def densify(m: _Entries) -> torch.Tensor:
-            d = torch.zeros(m.shape[0], u + 1, dtype=m.vals.dtype, device=dev)
-            d.view(-1)[m.rows * (u + 1) + col[m.cols]] = m.vals
+        def densify(m: _Entries, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+            """Rows lo..hi of m as a dense [hi - lo, u] matrix over the hub columns."""
+            hi = m.shape[0] if hi is None else hi
+            s, e = (int(i) for i in torch.searchsorted(m.rows, torch.tensor([lo, hi], device=dev)))  # rows ascend
+            d = torch.zeros(hi - lo, u + 1, dtype=m.vals.dtype, device=dev)
+            d.view(-1)[(m.rows[s:e] - lo) * (u + 1) + col[m.cols[s:e]]] = m.vals[s:e]
             return d[:, :u]
-        out += densify(a) @ densify(b).T
+
+        tb = densify(b).T
+        # On a GPU the union of used anchors can be large: image rows go in
+        # chunks that fit half the free memory beside the text side.
+        rows = _DENSE_ROWS or qa
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            rows = max(1, min(qa, (free // 2) // (4 * (u + 1)) - qb))
+        for lo in range(0, qa, rows):
+            out[lo:lo + rows] += densify(a, lo, min(qa, lo + rows)) @ tb
     rest = ~hub[b.cols] & (ca[b.cols] > 0)  # empty on CUDA, where every shared anchor is a hub
     if bool(rest.any()):
         # scipy's sparse-sparse product is several times faster than torch's on the CPU.
