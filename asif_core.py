@@ -39,7 +39,7 @@ __all__ = [
     "TopK", "RelativeRepresentation", "top_k_similarities", "sharpen",
     "relative_representation", "similarity", "class_scores", "classify",
     "classification_metrics", "sweep", "zero_shot_result", "retrieval_metrics", "explain", "ASIF",
-    "sha256_file", "atomic_save_npy", "atomic_write_json", "ShardedArray",
+    "sha256_file", "atomic_write", "atomic_save_npy", "atomic_write_json", "ShardedArray",
     "save_embedding_set", "load_embedding_set", "synthetic_coupled_data",
 ]
 
@@ -85,6 +85,11 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Write a file atomically: ``write(f)`` fills a temporary file that then replaces ``path``."""
+    _atomic_write(Path(path), write)
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> str:

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from asif_core import (ASIFInputError, _atomic_write, atomic_save_npy, atomic_write_json,
+from asif_core import (ASIFInputError, atomic_write, atomic_save_npy, atomic_write_json,
                        load_embedding_set, sha256_file)
 
 __all__ = [
@@ -336,7 +336,7 @@ def _fashion_mnist_download(folder: Path, files: Iterable[str], base_url: str) -
             raise DataError(f"fashion-mnist: {base_url + name} did not return a gzip file")
         if hashlib.sha256(content).hexdigest() != FASHION_MNIST_SHA256[name]:
             raise DataError(f"fashion-mnist: {base_url + name} has unexpected content (sha256 mismatch); not used")
-        _atomic_write(target, lambda f: f.write(payload))
+        atomic_write(target, lambda f: f.write(payload))
 
 
 def fashion_mnist_folder(download: bool = True) -> Path:
@@ -974,7 +974,7 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     if captions is not None or kind == "text":
         text = "".join(json.dumps({"id": i, "caption": str(c)}, ensure_ascii=False) + "\n"
                        for i, c in zip(ids, captions if captions is not None else items))
-        _atomic_write(folder / "captions.jsonl", lambda f: f.write(text.encode("utf-8")))
+        atomic_write(folder / "captions.jsonl", lambda f: f.write(text.encode("utf-8")))
     if labels is not None:
         atomic_save_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
     atomic_write_json(manifest_path, manifest)  # last: a folder with a manifest is complete
@@ -1359,7 +1359,7 @@ def _deterministic_tar(folder: Path, out: Path) -> None:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for p in files:
                 tar.add(p, arcname=p.relative_to(folder).as_posix(), filter=clean, recursive=False)
-    _atomic_write(out, write)
+    atomic_write(out, write)
 
 
 def publish(folder: str | os.PathLike, name: str | None = None, url: str | None = None,
