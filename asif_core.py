@@ -674,13 +674,14 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 400.0
+SPARSE_OP_COST = 250.0
 # A sparse product also costs about this many sparse ops per output entry.
-SPARSE_FLOOR = 4.0
+SPARSE_FLOOR = 1.0
 # Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
 DENSIFY_COST = 0.1
 _SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that all agree
 _DENSE_ROWS = None   # tests force the row chunking that a GPU uses when memory is short
+_SPARSE_BACKEND = None  # tests force "scipy" to check it against the numba kernel
 
 
 @dataclass
@@ -701,6 +702,70 @@ def _entries(rep: RelativeRepresentation) -> _Entries:
     if bool(zero.any()):
         rows, cols, vals = rows[~zero], cols[~zero], vals[~zero]
     return _Entries(rows, cols, vals, (q, rep.n_anchors))
+
+
+_KERNELS = None  # the compiled sparse product; False when numba is not installed
+
+
+def _sparse_kernels():
+    """numba kernels for dense out[Qa, Qb] += A (CSR) @ B^T, or False without numba.
+
+    ``group`` counting-sorts B's entries by anchor; ``product`` then
+    accumulates straight into the dense output, rows in parallel: no
+    symbolic pass and no sparse result, which are most of scipy's cost when
+    the output is dense. Compiled at first use and cached on disk.
+    """
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS = False
+            return _KERNELS
+        globals()["prange"] = numba.prange  # resolved as a global when the kernel compiles
+        _KERNELS = (numba.njit(cache=True, nogil=True)(_group_by_anchor),
+                    numba.njit(parallel=True, cache=True, nogil=True)(_accumulate_product))
+    return _KERNELS
+
+
+def _group_by_anchor(ptr, cols, rows, vals, out_rows, out_vals):  # pragma: no cover (compiled)
+    fill = ptr[:-1].copy()
+    for e in range(cols.shape[0]):
+        j = cols[e]
+        out_rows[fill[j]] = rows[e]
+        out_vals[fill[j]] = vals[e]
+        fill[j] += 1
+
+
+prange = range  # numba.prange once numba is imported; plain range would run serially
+
+
+def _accumulate_product(a_ptr, a_cols, a_vals, b_ptr, b_rows, b_vals, out):  # pragma: no cover (compiled)
+    for q in prange(out.shape[0]):
+        row = out[q]
+        for e in range(a_ptr[q], a_ptr[q + 1]):
+            j, v = a_cols[e], a_vals[e]
+            for f in range(b_ptr[j], b_ptr[j + 1]):
+                row[b_rows[f]] += v * b_vals[f]
+
+
+def _sparse_product(a: _Entries, b: _Entries) -> np.ndarray:
+    """Dense [Qa, Qb] = a @ b.T on the CPU: the numba kernels, else scipy."""
+    kernels = _sparse_kernels() if _SPARSE_BACKEND != "scipy" else False
+    if not kernels:
+        return (_csr(a) @ _csr(b).T).toarray()
+    group, product = kernels
+    (qa, n), qb = a.shape, b.shape[0]
+    dtype = np.result_type(a.vals.numpy().dtype, b.vals.numpy().dtype)
+    a_ptr = np.zeros(qa + 1, dtype=np.int64)
+    np.cumsum(np.bincount(a.rows.numpy(), minlength=qa), out=a_ptr[1:])
+    b_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(b.cols.numpy(), minlength=n), out=b_ptr[1:])
+    b_rows, b_vals = np.empty(len(b.cols), dtype=np.int64), np.empty(len(b.cols), dtype=dtype)
+    group(b_ptr, b.cols.numpy(), b.rows.numpy(), b.vals.numpy().astype(dtype, copy=False), b_rows, b_vals)
+    out = np.zeros((qa, qb), dtype=dtype)
+    product(a_ptr, a.cols.numpy(), a.vals.numpy().astype(dtype, copy=False), b_ptr, b_rows, b_vals, out)
+    return out
 
 
 def _csr(m: _Entries):
@@ -783,7 +848,7 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
     if bool(rest.any()):
         # scipy's sparse-sparse product is several times faster than torch's on the CPU.
         sb = _Entries(b.rows[rest], b.cols[rest], b.vals[rest], b.shape)
-        out += torch.from_numpy((_csr(a) @ _csr(sb).T).toarray()).to(out_dtype)
+        out += torch.from_numpy(_sparse_product(a, sb)).to(out_dtype)
     return out
 
 

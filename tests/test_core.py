@@ -138,13 +138,20 @@ def test_class_scores_match_reference(tiny, reduce, k, p):
     np.testing.assert_allclose(s.numpy(), ref, atol=1e-12)
 
 
+def test_numba_kernel_is_there():
+    # the fast sparse product is part of the install; without it scipy takes over silently
+    assert ac._sparse_kernels()
+
+
 def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
     q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
     model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
     ref = ref_relative(q, ai, 9, 3) @ ref_relative(t, at, 9, 3).T
-    for way, chunk in (("sparse", None), ("mixed", None), ("dense", None), ("dense", 4)):
+    for way, chunk, backend in (("sparse", None, None), ("sparse", None, "scipy"), ("mixed", None, None),
+                                ("dense", None, None), ("dense", 4, None)):
         monkeypatch.setattr(ac, "_SCORING_WAY", way)
         monkeypatch.setattr(ac, "_DENSE_ROWS", chunk)
+        monkeypatch.setattr(ac, "_SPARSE_BACKEND", backend)  # None: the numba kernel
         monkeypatch.setattr(ac, "SPARSE_OP_COST", 3.0)  # so that "mixed" has hubs and a sparse rest
         s = model.similarity(q, t)
         np.testing.assert_allclose(s, ref, atol=1e-12)
