@@ -366,15 +366,6 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / norm.clamp_min(eps).to(x.dtype)
 
 
-def _to_tensor(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # np.array copies: memmap slices are read-only and torch wants writable memory.
-    t = x if torch.is_tensor(x) else torch.from_numpy(np.array(x, copy=not (isinstance(x, np.ndarray) and x.flags.writeable and x.flags.c_contiguous)))
-    # Normalise in float32 (or float64) before casting: float16 norms of
-    # 768 squared terms lose digits.
-    t = t.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    return normalize(t).to(dtype)
-
-
 def _is_in_memory(x) -> bool:
     return torch.is_tensor(x) or (isinstance(x, np.ndarray) and not isinstance(x, np.memmap))
 
@@ -451,7 +442,7 @@ class _RunningTopK:
         # The product goes into one reused buffer: a fresh multi-100 MB tensor
         # per block costs its page faults again every time (~10% of the product).
         sims = torch.mm(self.queries, block.T, out=self._buffer[:q * b].view(q, b))  # [Q, b], the expensive step
-        offset, b = self.seen, sims.shape[1]
+        offset = self.seen
         self.seen += b
         if self.values.shape[1] < self.k:
             # Still filling: every anchor is a candidate (negatives count as 0).
@@ -550,7 +541,7 @@ def _anchor_blocks(anchors, bounds: Sequence[int], block_size: int, device: torc
 
 
 def _normalized_block(raw, device: torch.device, dtype: torch.dtype, name: str, offset: int) -> torch.Tensor:
-    """A block of anchors as a normalised tensor; its row norms double as the check.
+    """Rows (a block of anchors, or the queries) as a normalised tensor; the row norms double as the check.
 
     A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
     one pass finds both without a separate scan of the (maybe huge) anchors.
@@ -604,9 +595,9 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, n_anchors: Seq
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
     check_embeddings(anchors, "anchors", full_scan=False)
-    check_embeddings(queries, "queries", dim=_shape(anchors)[1])
+    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False)  # values: when normalised
     sizes = _validate_sizes(_shape(anchors)[0], n_anchors)
-    return _stream([(anchors, "anchors", _to_tensor(queries, dev, dt))], k, sizes, block_size, dev, dt,
+    return _stream([(anchors, "anchors", _normalized_block(queries, dev, dt, "queries", 0))], k, sizes, block_size, dev, dt,
                    memory_budget, progress)[0]
 
 
@@ -802,9 +793,9 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         # pays Qa*Qb per anchor column at BLAS speed. Take the cheapest of all
         # dense, all sparse, and hubs dense + the rest sparse.
         ops = ca.double() * cb.double()
-        hub = ops > qa * qb / SPARSE_OP_COST + (qa + qb) * DENSIFY_COST
-        floor = SPARSE_FLOOR * qa * qb
         per_column = qa * qb / SPARSE_OP_COST + (qa + qb) * DENSIFY_COST  # product + the dense copies
+        hub = ops > per_column
+        floor = SPARSE_FLOOR * qa * qb
         dense_cost = per_column * float(shared.sum())
         sparse_cost = float(ops.sum()) + floor
         mixed_cost = per_column * float(hub.sum()) + float(ops[~hub].sum()) + floor
@@ -819,7 +810,7 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
             order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
             hub = torch.zeros(n, dtype=torch.bool, device=dev)
             hub[order] = True
-            hub &= (ca > 0) & (cb > 0)
+            hub &= shared
     u = int(hub.sum())
     if u:
         # Hub columns renumbered 0..u-1; every other anchor goes to a spare
@@ -968,8 +959,9 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     if reduce not in REDUCES:
         raise ASIFInputError(f"reduce={reduce!r}: use 'max' (the paper's) or 'mean' (prompt ensemble)")
     check_anchors(anchor_images, anchor_texts, full_scan=False)
-    check_embeddings(images, "images", dim=_shape(anchor_images)[1])
-    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1])
+    # values are checked (NaN, zero rows) in the same pass that normalises them
+    check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False)
+    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1], full_scan=False)
     _check_classes(_shape(prompts)[0], n_classes)
     if labels is not None:
         _check_labels(labels, _shape(images)[0], n_classes)
@@ -978,8 +970,8 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     sizes = _validate_sizes(_shape(anchor_images)[0], n_anchors)
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
-    jobs = [(anchor_images, "anchor_images", _to_tensor(images, dev, dt)),
-            (anchor_texts, "anchor_texts", _to_tensor(prompts, dev, dt))]
+    jobs = [(anchor_images, "anchor_images", _normalized_block(images, dev, dt, "images", 0)),
+            (anchor_texts, "anchor_texts", _normalized_block(prompts, dev, dt, "prompts", 0))]
     img_tops, txt_tops = _stream(jobs, k, sizes, block_size, dev, dt, memory_budget, progress)
     rows = []
     for n, ti, tt in zip(sizes, img_tops, txt_tops):
@@ -1105,8 +1097,8 @@ class ASIF:
         return int(_shape(self.anchor_images)[0])
 
     def _represent(self, x, anchors, name):
-        check_embeddings(x, name, dim=_shape(anchors)[1])
-        top, = _stream([(anchors, name, _to_tensor(x, self.device, self.dtype))], self.non_zeros,
+        check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False)
+        top, = _stream([(anchors, name, _normalized_block(x, self.device, self.dtype, name, 0))], self.non_zeros,
                        [self.n_anchors], self.block_size, self.device, self.dtype, self.memory_budget, False)[0]
         return sharpen(top, self.exponent)
 
@@ -1143,8 +1135,8 @@ class ASIF:
     def add_anchors(self, anchor_images, anchor_texts, captions: Sequence[str] | None = None) -> "ASIF":
         """Append coupled pairs; the existing anchors are kept as they are."""
         check_anchors(anchor_images, anchor_texts)
-        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1])
-        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1])
+        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1], full_scan=False)
+        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1], full_scan=False)
         if (captions is None) != (self.captions is None):
             raise ASIFInputError("captions: give captions for the new pairs exactly when the model has captions")
         if captions is not None and len(captions) != _shape(anchor_images)[0]:

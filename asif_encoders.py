@@ -567,29 +567,27 @@ class ClipBaseline:
     def __repr__(self):
         return f"ClipBaseline({self.name!r}, dim={self.dim}, device={self.device})"
 
-    @torch.inference_mode()
-    def encode_image(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
-        """Images (PIL / paths / arrays) -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
-        images = _check_nonempty(images, "images")
+    def _in_batches(self, items, batch_size: int, progress: bool, what: str, embed) -> np.ndarray:
+        """``embed(batch) -> [b, dim]`` over ``items`` in batches -> float32 ``[n, dim]``, unit-norm."""
+        items = _check_nonempty(items, what)
         out = []
-        with _progress(len(images), progress and len(images) > batch_size, f"embed images ({self.name})") as bar:
-            for s in range(0, len(images), batch_size):
-                x = torch.stack([self.preprocess(open_image(im)) for im in images[s:s + batch_size]])
-                out.append(_l2_normalise(self.model.encode_image(x.to(self.device, self.dtype))))
-                bar.update(len(x))
+        with torch.inference_mode(), \
+                _progress(len(items), progress and len(items) > batch_size, f"embed {what} ({self.name})") as bar:
+            for s in range(0, len(items), batch_size):
+                batch = items[s:s + batch_size]
+                out.append(_l2_normalise(embed(batch)))
+                bar.update(len(batch))
         return np.concatenate(out)
 
-    @torch.inference_mode()
+    def encode_image(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
+        """Images (PIL / paths / arrays) -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
+        return self._in_batches(images, batch_size, progress, "images", lambda batch: self.model.encode_image(
+            torch.stack([self.preprocess(open_image(im)) for im in batch]).to(self.device, self.dtype)))
+
     def encode_text(self, texts, batch_size: int = 256, progress: bool = True) -> np.ndarray:
         """Strings -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
-        texts = _check_nonempty(texts, "texts")
-        out = []
-        with _progress(len(texts), progress and len(texts) > batch_size, f"embed texts ({self.name})") as bar:
-            for s in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(texts[s:s + batch_size]).to(self.device)
-                out.append(_l2_normalise(self.model.encode_text(tokens)))
-                bar.update(len(tokens))
-        return np.concatenate(out)
+        return self._in_batches(texts, batch_size, progress, "texts",
+                                lambda batch: self.model.encode_text(self.tokenizer(batch).to(self.device)))
 
 
 def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", device="auto") -> ClipBaseline:
