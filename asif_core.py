@@ -665,7 +665,7 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 250.0
+SPARSE_OP_COST = 100.0
 # A sparse product also costs about this many sparse ops per output entry.
 SPARSE_FLOOR = 1.0
 # Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
@@ -673,38 +673,48 @@ DENSIFY_COST = 0.1
 _SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that all agree
 _DENSE_ROWS = None   # tests force the row chunking that a GPU uses when memory is short
 _SPARSE_BACKEND = None  # tests force "scipy" to check it against the numba kernel
+_SPARSE_TILES = None  # tests force small output tiles so that several tiles meet in the kernel
 
 
 @dataclass
 class _Entries:
-    """A sparse [n_rows, N] matrix as coordinate lists without duplicates: rows, cols, vals [nnz]."""
+    """A sparse [n_rows, N] matrix as coordinate lists without duplicates: rows, cols, vals [nnz].
+
+    rows ascend. ``rep`` is the [n_rows, k] top-k form when the entries came
+    from one: a dense copy is then a single scatter.
+    """
     rows: torch.Tensor
     cols: torch.Tensor
     vals: torch.Tensor
     shape: tuple
+    rep: RelativeRepresentation | None = None
 
 
 def _entries(rep: RelativeRepresentation) -> _Entries:
-    """The nonzero entries of r (top-k indices are distinct, so no summing is needed)."""
+    """The entries of r (top-k indices are distinct, so no summing is needed).
+
+    Entries whose value is 0 (clamped negatives, underflowed powers) are
+    kept: they add nothing, and dropping them would cost a masked copy of
+    every array, more than they cost in either product.
+    """
     q, k = rep.indices.shape
     rows = torch.arange(q, device=rep.indices.device).repeat_interleave(k)
-    cols, vals = rep.indices.reshape(-1), rep.values.reshape(-1)
-    zero = vals == 0  # clamped negatives and underflowed powers add nothing
-    if bool(zero.any()):
-        rows, cols, vals = rows[~zero], cols[~zero], vals[~zero]
-    return _Entries(rows, cols, vals, (q, rep.n_anchors))
+    return _Entries(rows, rep.indices.reshape(-1), rep.values.reshape(-1), (q, rep.n_anchors), rep)
 
 
 _KERNELS = None  # the compiled sparse product; False when numba is not installed
 
 
 def _sparse_kernels():
-    """numba kernels for dense out[Qa, Qb] += A (CSR) @ B^T, or False without numba.
+    """numba kernels for dense out[Qa, Qb] = A @ B^T, or False without numba.
 
-    ``group`` counting-sorts B's entries by anchor; ``product`` then
-    accumulates straight into the dense output, rows in parallel: no
-    symbolic pass and no sparse result, which are most of scipy's cost when
-    the output is dense. Compiled at first use and cached on disk.
+    ``bucket`` counting-sorts each side's entries by (tile of rows, anchor);
+    ``product`` then walks the anchors once per pair of tiles and adds each
+    shared anchor's outer product into that pair's block of the output, the
+    blocks in parallel. A block stays in cache while it is written, and the
+    entries are read in order: no random access to a large array, no
+    symbolic pass and no sparse result (most of scipy's cost when the output
+    is dense). Compiled at first use and cached on disk.
     """
     global _KERNELS
     if _KERNELS is None:
@@ -714,30 +724,67 @@ def _sparse_kernels():
             _KERNELS = False
             return _KERNELS
         globals()["prange"] = numba.prange  # resolved as a global when the kernel compiles
-        _KERNELS = (numba.njit(cache=True, nogil=True)(_group_by_anchor),
-                    numba.njit(parallel=True, cache=True, nogil=True)(_accumulate_product))
+        _KERNELS = (numba.njit(cache=True, nogil=True)(_bucket_by_tile),
+                    numba.njit(parallel=True, cache=True, nogil=True)(_tiled_product))
     return _KERNELS
 
 
-def _group_by_anchor(ptr, cols, rows, vals, out_rows, out_vals):  # pragma: no cover (compiled)
+def _bucket_by_tile(ptr, keys, rows, vals, tile, out_rows, out_vals):  # pragma: no cover (compiled)
+    # counting sort by key = (row // tile) * N + anchor; rows kept as offsets within their tile
     fill = ptr[:-1].copy()
-    for e in range(cols.shape[0]):
-        j = cols[e]
-        out_rows[fill[j]] = rows[e]
-        out_vals[fill[j]] = vals[e]
-        fill[j] += 1
+    for e in range(keys.shape[0]):
+        s = fill[keys[e]]
+        out_rows[s] = rows[e] % tile
+        out_vals[s] = vals[e]
+        fill[keys[e]] = s + 1
 
 
 prange = range  # numba.prange once numba is imported; plain range would run serially
 
 
-def _accumulate_product(a_ptr, a_cols, a_vals, b_ptr, b_rows, b_vals, out):  # pragma: no cover (compiled)
-    for q in prange(out.shape[0]):
-        row = out[q]
-        for e in range(a_ptr[q], a_ptr[q + 1]):
-            j, v = a_cols[e], a_vals[e]
-            for f in range(b_ptr[j], b_ptr[j + 1]):
-                row[b_rows[f]] += v * b_vals[f]
+def _tiled_product(a_ptr, a_rows, a_vals, b_ptr, b_rows, b_vals, n, tile_a, tile_b, out):  # pragma: no cover
+    n_tb = (out.shape[1] + tile_b - 1) // tile_b
+    for pair in prange(((out.shape[0] + tile_a - 1) // tile_a) * n_tb):
+        ta = pair // n_tb
+        tb = pair - ta * n_tb
+        pa, pb, r0, c0 = ta * n, tb * n, ta * tile_a, tb * tile_b
+        for j in range(n):
+            sa, ea = a_ptr[pa + j], a_ptr[pa + j + 1]
+            if sa == ea:
+                continue
+            sb, eb = b_ptr[pb + j], b_ptr[pb + j + 1]
+            for x in range(sa, ea):
+                r, v = r0 + a_rows[x], a_vals[x]
+                for y in range(sb, eb):
+                    out[r, c0 + b_rows[y]] += v * b_vals[y]
+
+
+def _sparse_tiles(a: _Entries, b: _Entries) -> tuple[int, int]:
+    """Output tile (rows, cols) for the numba product.
+
+    Many updates per output entry (few anchors): small tiles that stay in
+    the core's cache. Few (many anchors): large tiles, since the kernel
+    walks all N anchors once per pair of tiles.
+    """
+    if _SPARSE_TILES:
+        return _SPARSE_TILES
+    (qa, n), qb = a.shape, b.shape[0]
+    per_entry = len(a.vals) * len(b.vals) / max(1, n * qa * qb)  # updates per output entry, anchors alike
+    ta, tb = (256, 512) if per_entry > 8 else (512, 1024)
+    return min(ta, max(qa, 1)), min(tb, max(qb, 1))
+
+
+def _bucket(kernel, m: _Entries, tile: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """m's entries sorted by (tile of rows, anchor): pointers [n_tiles * N + 1], tile-local rows, values."""
+    n = m.shape[1]
+    rows, cols = m.rows.numpy(), m.cols.numpy()
+    keys = (rows // tile) * n + cols
+    n_tiles = -(-m.shape[0] // tile)
+    ptr = np.zeros(n_tiles * n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=n_tiles * n), out=ptr[1:])
+    out_rows, out_vals = np.empty(len(keys), dtype=np.int32), np.empty(len(keys), dtype=dtype)
+    kernel(ptr, keys, rows, m.vals.numpy().astype(dtype, copy=False), tile, out_rows, out_vals)
+    return ptr, out_rows, out_vals
 
 
 def _sparse_product(a: _Entries, b: _Entries) -> np.ndarray:
@@ -745,17 +792,13 @@ def _sparse_product(a: _Entries, b: _Entries) -> np.ndarray:
     kernels = _sparse_kernels() if _SPARSE_BACKEND != "scipy" else False
     if not kernels:
         return (_csr(a) @ _csr(b).T).toarray()
-    group, product = kernels
+    bucket, product = kernels
     (qa, n), qb = a.shape, b.shape[0]
     dtype = np.result_type(a.vals.numpy().dtype, b.vals.numpy().dtype)
-    a_ptr = np.zeros(qa + 1, dtype=np.int64)
-    np.cumsum(np.bincount(a.rows.numpy(), minlength=qa), out=a_ptr[1:])
-    b_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(b.cols.numpy(), minlength=n), out=b_ptr[1:])
-    b_rows, b_vals = np.empty(len(b.cols), dtype=np.int64), np.empty(len(b.cols), dtype=dtype)
-    group(b_ptr, b.cols.numpy(), b.rows.numpy(), b.vals.numpy().astype(dtype, copy=False), b_rows, b_vals)
+    ta, tb = _sparse_tiles(a, b)
     out = np.zeros((qa, qb), dtype=dtype)
-    product(a_ptr, a.cols.numpy(), a.vals.numpy().astype(dtype, copy=False), b_ptr, b_rows, b_vals, out)
+    if qa and qb and n:
+        product(*_bucket(bucket, a, ta, dtype), *_bucket(bucket, b, tb, dtype), n, ta, tb, out)
     return out
 
 
@@ -781,7 +824,6 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
     (qa, n), qb = a.shape, b.shape[0]
     dev = a.vals.device
     out_dtype = torch.promote_types(a.vals.dtype, b.vals.dtype)
-    out = torch.zeros(qa, qb, dtype=out_dtype, device=dev)
     ca = torch.bincount(a.cols, minlength=n)
     cb = torch.bincount(b.cols, minlength=n)
     shared = (ca > 0) & (cb > 0)
@@ -801,30 +843,39 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         mixed_cost = per_column * float(hub.sum()) + float(ops[~hub].sum()) + floor
         costs = {"dense": dense_cost, "sparse": sparse_cost, "mixed": mixed_cost}
         way = _SCORING_WAY or min(costs, key=costs.get)
+        if way == "sparse":
+            return torch.from_numpy(_sparse_product(a, b)).to(out_dtype)
         if way == "dense":
             hub = shared
-        elif way == "sparse":
-            hub = torch.zeros_like(shared)
         budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
         if int(hub.sum()) * (qa + qb) * 4 > budget:  # keep the dense part within memory
             order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
             hub = torch.zeros(n, dtype=torch.bool, device=dev)
             hub[order] = True
             hub &= shared
+    out = torch.zeros(qa, qb, dtype=out_dtype, device=dev)
     u = int(hub.sum())
     if u:
         # Hub columns renumbered 0..u-1; every other anchor goes to a spare
         # column u that the product leaves out, so no entry needs masking.
+        # When (nearly) every anchor is a hub, the columns stay as they are
+        # and a top-k form is densified with one scatter.
+        whole = u == n or (u * 5 >= n * 4 and n * (qa + qb) * 4 <= (memory_budget or DEFAULT_RAM_BUDGET * 2))
         col = torch.full((n,), u, dtype=torch.long, device=dev)
         col[hub] = torch.arange(u, device=dev)
 
         def densify(m: _Entries, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-            """Rows lo..hi of m as a dense [hi - lo, u] matrix over the hub columns."""
+            """Rows lo..hi of m as a dense [hi - lo, u] matrix over the hub columns (all N when whole)."""
             hi = m.shape[0] if hi is None else hi
+            if whole and m.rep is not None:
+                r = m.rep
+                return torch.zeros(hi - lo, n, dtype=r.values.dtype, device=dev).scatter_(
+                    1, r.indices[lo:hi], r.values[lo:hi])
             s, e = (int(i) for i in torch.searchsorted(m.rows, torch.tensor([lo, hi], device=dev)))  # rows ascend
-            d = torch.zeros(hi - lo, u + 1, dtype=m.vals.dtype, device=dev)
-            d.view(-1)[(m.rows[s:e] - lo) * (u + 1) + col[m.cols[s:e]]] = m.vals[s:e]
-            return d[:, :u]
+            width = n if whole else u + 1
+            d = torch.zeros(hi - lo, width, dtype=m.vals.dtype, device=dev)
+            d.view(-1)[(m.rows[s:e] - lo) * width + (m.cols[s:e] if whole else col[m.cols[s:e]])] = m.vals[s:e]
+            return d if whole else d[:, :u]
 
         tb = densify(b).T
         # On a GPU the union of used anchors can be large: image rows go in
@@ -832,12 +883,14 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         rows = _DENSE_ROWS or qa
         if dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(dev)
-            rows = max(1, min(qa, (free // 2) // (4 * (u + 1)) - qb))
+            rows = max(1, min(qa, (free // 2) // (4 * (tb.shape[0] + 1)) - qb))
         for lo in range(0, qa, rows):
             out[lo:lo + rows] += densify(a, lo, min(qa, lo + rows)) @ tb
+        if whole:
+            return out  # every anchor went into the dense product
     rest = ~hub[b.cols] & (ca[b.cols] > 0)  # empty on CUDA, where every shared anchor is a hub
     if bool(rest.any()):
-        # scipy's sparse-sparse product is several times faster than torch's on the CPU.
+        # the numba kernel (or scipy) is several times faster than torch's sparse product on the CPU
         sb = _Entries(b.rows[rest], b.cols[rest], b.vals[rest], b.shape)
         out += torch.from_numpy(_sparse_product(a, sb)).to(out_dtype)
     return out

@@ -66,14 +66,19 @@ def embeddings(n, dim, rng, latent):
     return out
 
 
-def bare_products(queries, prompts, anchor_images, anchor_texts, block):
-    """queries @ anchors.T over all anchors, both modalities, in the sweep's blocks."""
-    q, p = torch.from_numpy(queries), torch.from_numpy(prompts)
+def bare_products(queries, prompts, anchor_images, anchor_texts, block, dev, dtype):
+    """queries @ anchors.T over all anchors, both modalities, in the sweep's blocks.
+
+    On a GPU each block is copied over first, as the sweep must do too.
+    """
+    q, p = torch.from_numpy(queries).to(dev, dtype), torch.from_numpy(prompts).to(dev, dtype)
     for s in range(0, len(anchor_images), block):
-        ai = torch.from_numpy(np.asarray(anchor_images[s:s + block], dtype=np.float32))
-        at = torch.from_numpy(np.asarray(anchor_texts[s:s + block], dtype=np.float32))
+        ai = torch.from_numpy(np.asarray(anchor_images[s:s + block], dtype=np.float32)).to(dev, dtype)
+        at = torch.from_numpy(np.asarray(anchor_texts[s:s + block], dtype=np.float32)).to(dev, dtype)
         q @ ai.T
         p @ at.T
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def timed(fn, repeat=1):
@@ -100,6 +105,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--memmap", type=int, default=0, help="also sweep a float16 memmap of this many anchors")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--device", default="cpu", help="cpu (the issue's figures), cuda or auto")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -110,33 +116,49 @@ def main():
     x = embeddings(args.queries, args.image_dim, rng, li)
     prompts = embeddings(args.classes * args.templates, args.text_dim, rng, lt)
     y = rng.integers(0, args.classes, args.queries)
-    dev = torch.device("cpu")
-    block = ac.choose_block_size(len(x) + len(prompts), args.image_dim + args.text_dim, dev, torch.float32)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; queries {x.shape}, prompts {prompts.shape}, "
+    dev = ac.pick_device(args.device)
+    dtype = ac.resolve_dtype(None, dev)
+    block = ac.choose_block_size(len(x) + len(prompts), args.image_dim + args.text_dim, dev, dtype)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {dtype}; queries {x.shape}, prompts {prompts.shape}, "
           f"anchors {a_img.shape} + {a_txt.shape}; k={args.non_zeros} p={args.exponent}; block {block}")
 
-    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device="cpu")
-    t_bare, _ = timed(lambda: bare_products(x, prompts, a_img, a_txt, block), args.repeat)
+    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device=str(dev))
+    # Load the compiled sparse kernel once, outside the timings, as a long-running process has it.
+    warm = ac.synthetic_coupled_data(n_anchors=3000, n_images=20)
+    ac.similarity(*(ac.relative_representation(warm[q], warm[a], 20, device="cpu")
+                    for q, a in (("images", "anchor_images"), ("prompts", "anchor_texts"))))
+    t_bare, _ = timed(lambda: bare_products(x, prompts, a_img, a_txt, block, dev, dtype), args.repeat)
     with PeakMemory() as mem_one:
         t_one, rows_one = timed(lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes,
                                                  n_anchors=[args.anchors], **common), args.repeat)
     with PeakMemory() as mem_sweep:
         t_sweep, rows = timed(lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes,
                                                n_anchors=args.counts, **common), args.repeat)
-    assert rows[-1]["acc1"] == rows_one[0]["acc1"]
+    # The last count of the sweep is the one evaluation. On a GPU, blocks of other widths may round
+    # float16 products differently (cuBLAS picks kernels by shape), so there it is reported, not asserted.
+    if dev.type == "cpu":
+        assert rows[-1]["acc1"] == rows_one[0]["acc1"]
     res = {
         "bare_products_s": t_bare, "one_evaluation_s": t_one, "sweep_s": t_sweep,
         "one_evaluation_over_bare": t_one / t_bare, "sweep_over_bare": t_sweep / t_bare,
         "sweep_over_one_evaluation": t_sweep / t_one, "n_counts": len(args.counts),
+        "acc1_sweep_last": rows[-1]["acc1"], "acc1_one": rows_one[0]["acc1"],
         "peak_extra_memory_one_MiB": mem_one.peak / 2**20, "peak_extra_memory_sweep_MiB": mem_sweep.peak / 2**20,
         "inputs_MiB": (a_img.nbytes + a_txt.nbytes + x.nbytes + prompts.nbytes) / 2**20,
+        "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
     }
+    if dev.type == "cuda":
+        res["peak_cuda_memory_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
     print(f"bare products (all {args.anchors} anchors, both modalities): {t_bare:7.2f} s")
     print(f"one evaluation at {args.anchors} anchors:                  {t_one:7.2f} s   {t_one / t_bare:.2f}x bare")
     print(f"sweep, {len(args.counts)} counts in one pass:                     {t_sweep:7.2f} s   "
           f"{t_sweep / t_bare:.2f}x bare, {t_sweep / t_one:.2f}x one evaluation")
     print(f"peak memory above inputs ({res['inputs_MiB']:.0f} MiB): one {mem_one.peak / 2**20:.0f} MiB, "
           f"sweep {mem_sweep.peak / 2**20:.0f} MiB")
+    if dev.type == "cuda":
+        print(f"peak CUDA memory: {res['peak_cuda_memory_MiB']:.0f} MiB; acc1 at all anchors: sweep "
+              f"{rows[-1]['acc1']:.4f}, one evaluation {rows_one[0]['acc1']:.4f}")
 
     if args.memmap:
         with tempfile.TemporaryDirectory(dir=os.environ.get("ASIF_BENCH_TMP")) as tmp:

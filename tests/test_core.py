@@ -128,10 +128,13 @@ def test_scaling_inputs_changes_nothing(tiny):
 
 # --- similarity, classification, sweep
 
+@pytest.mark.parametrize("way", [None, "dense", "sparse"])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("k,p", [(5, 1), (20, 3), (97, 8), (300, 8)])
-def test_class_scores_match_reference(tiny, reduce, k, p):
+def test_class_scores_match_reference(tiny, reduce, k, p, way, monkeypatch):
     d = tiny
+    monkeypatch.setattr(ac, "_SCORING_WAY", way)  # None: the cost model's choice
+    monkeypatch.setattr(ac, "_SPARSE_TILES", (3, 5))
     s = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, non_zeros=k, exponent=p,
                     reduce=reduce, dtype="float64", block_size=16)
     ref = ref_scores(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, k, p, reduce)
@@ -147,11 +150,13 @@ def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
     q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
     model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
     ref = ref_relative(q, ai, 9, 3) @ ref_relative(t, at, 9, 3).T
-    for way, chunk, backend in (("sparse", None, None), ("sparse", None, "scipy"), ("mixed", None, None),
-                                ("dense", None, None), ("dense", 4, None)):
+    for way, chunk, backend, tiles in (("sparse", None, None, None), ("sparse", None, None, (4, 3)),
+                                       ("sparse", None, "scipy", None), ("mixed", None, None, (2, 5)),
+                                       ("dense", None, None, None), ("dense", 4, None, None)):
         monkeypatch.setattr(ac, "_SCORING_WAY", way)
         monkeypatch.setattr(ac, "_DENSE_ROWS", chunk)
         monkeypatch.setattr(ac, "_SPARSE_BACKEND", backend)  # None: the numba kernel
+        monkeypatch.setattr(ac, "_SPARSE_TILES", tiles)  # several output tiles, the last ones partial
         monkeypatch.setattr(ac, "SPARSE_OP_COST", 3.0)  # so that "mixed" has hubs and a sparse rest
         s = model.similarity(q, t)
         np.testing.assert_allclose(s, ref, atol=1e-12)
