@@ -293,15 +293,20 @@ def choose_block_size(n_query_rows: int, dim: int, device: torch.device, dtype: 
     float32 staging copy when read from a float16 memmap) and one similarity
     per query row. The budget is half the free CUDA memory on a GPU, else
     ``memory_budget`` bytes (default 512 MiB). Above ~32k rows a larger block
-    buys no speed on a CPU, only memory.
+    buys no speed on a CPU, only memory; on a GPU a block is also held in
+    host memory on its way there, so it stays within 512 MiB of host RAM.
     """
     if memory_budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             memory_budget = free // 2
-            max_block = 1 << 20
         else:
             memory_budget = DEFAULT_RAM_BUDGET
+    if device.type == "cuda":
+        # Each block also passes through host memory on its way to the GPU (2 bytes a value
+        # from a float16 memmap, 4 from float32): keep that within the CPU's RAM budget too,
+        # or a 1M-anchor block would stage gigabytes on a host smaller than its GPU.
+        max_block = max(1, min(1 << 20, DEFAULT_RAM_BUDGET // (4 * dim)))
     item = torch.finfo(dtype).bits // 8
     per_row = item * (n_query_rows + dim) + 4 * dim + 1  # +1: the candidate mask
     return int(max(1, min(max_block, memory_budget // per_row)))
@@ -550,7 +555,8 @@ def _normalized_block(raw, device: torch.device, dtype: torch.dtype, name: str, 
                                                    and raw.flags.c_contiguous))) if not torch.is_tensor(raw) else raw
     if not t.is_floating_point():
         raise ASIFInputError(f"{name}: dtype {t.dtype} is not floating point; pass float embeddings")
-    t = t.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    # moved as stored (half the bytes from a float16 memmap), converted where it is computed on
+    t = t.to(device=device).to(torch.float64 if dtype == torch.float64 else torch.float32)
     norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
     bad = ~torch.isfinite(norms) | (norms == 0)
     if bool(bad.any()):

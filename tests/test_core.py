@@ -284,6 +284,9 @@ def test_block_size_from_memory_budget():
     large = ac.choose_block_size(2000, 768, cpu, torch.float32, memory_budget=512 * 2**20)
     assert 1 <= small < large
     assert small * (4 * (2000 + 768) + 4 * 768) <= 8 * 2**20
+    # a GPU with room for millions of anchors still stages each block within the host's RAM budget
+    gpu = ac.choose_block_size(2000, 1152, torch.device("cuda"), torch.float16, memory_budget=100 * 2**30)
+    assert gpu * 1152 * 4 <= ac.DEFAULT_RAM_BUDGET < (gpu + 1) * 1152 * 4
 
 
 # --- bad input: a clear error that names the argument
