@@ -671,7 +671,7 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 100.0
+SPARSE_OP_COST = 80.0
 # A sparse product also costs about this many sparse ops per output entry.
 SPARSE_FLOOR = 1.0
 # Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
@@ -730,19 +730,28 @@ def _sparse_kernels():
             _KERNELS = False
             return _KERNELS
         globals()["prange"] = numba.prange  # resolved as a global when the kernel compiles
-        _KERNELS = (numba.njit(cache=True, nogil=True)(_bucket_by_tile),
+        _KERNELS = (numba.njit(parallel=True, cache=True, nogil=True)(_bucket_by_tile),
                     numba.njit(parallel=True, cache=True, nogil=True)(_tiled_product))
     return _KERNELS
 
 
-def _bucket_by_tile(ptr, keys, rows, vals, tile, out_rows, out_vals):  # pragma: no cover (compiled)
-    # counting sort by key = (row // tile) * N + anchor; rows kept as offsets within their tile
-    fill = ptr[:-1].copy()
-    for e in range(keys.shape[0]):
-        s = fill[keys[e]]
-        out_rows[s] = rows[e] % tile
-        out_vals[s] = vals[e]
-        fill[keys[e]] = s + 1
+def _bucket_by_tile(rows, cols, vals, n, tile, starts, ptr, out_rows, out_vals):  # pragma: no cover (compiled)
+    # Counting sort by (row // tile, anchor), rows kept as offsets within their tile. Rows
+    # ascend, so tile t owns entries starts[t]:starts[t+1] and buckets t*n:(t+1)*n: tiles in parallel.
+    n_tiles = starts.shape[0] - 1
+    for t in prange(n_tiles):
+        for e in range(starts[t], starts[t + 1]):
+            ptr[t * n + cols[e] + 1] += 1
+    for i in range(1, ptr.shape[0]):
+        ptr[i] += ptr[i - 1]
+    for t in prange(n_tiles):
+        fill = ptr[t * n:(t + 1) * n].copy()
+        for e in range(starts[t], starts[t + 1]):
+            j = cols[e]
+            f = fill[j]
+            out_rows[f] = rows[e] - t * tile
+            out_vals[f] = vals[e]
+            fill[j] = f + 1
 
 
 prange = range  # numba.prange once numba is imported; plain range would run serially
@@ -776,20 +785,18 @@ def _sparse_tiles(a: _Entries, b: _Entries) -> tuple[int, int]:
         return _SPARSE_TILES
     (qa, n), qb = a.shape, b.shape[0]
     per_entry = len(a.vals) * len(b.vals) / max(1, n * qa * qb)  # updates per output entry, anchors alike
-    ta, tb = (256, 512) if per_entry > 8 else (512, 1024)
+    ta, tb = (256, 512) if per_entry > 30 else (512, 1024)
     return min(ta, max(qa, 1)), min(tb, max(qb, 1))
 
 
 def _bucket(kernel, m: _Entries, tile: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """m's entries sorted by (tile of rows, anchor): pointers [n_tiles * N + 1], tile-local rows, values."""
-    n = m.shape[1]
-    rows, cols = m.rows.numpy(), m.cols.numpy()
-    keys = (rows // tile) * n + cols
+    n, rows = m.shape[1], m.rows.numpy()
     n_tiles = -(-m.shape[0] // tile)
+    starts = np.searchsorted(rows, np.arange(n_tiles + 1) * tile)  # rows ascend
     ptr = np.zeros(n_tiles * n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(keys, minlength=n_tiles * n), out=ptr[1:])
-    out_rows, out_vals = np.empty(len(keys), dtype=np.int32), np.empty(len(keys), dtype=dtype)
-    kernel(ptr, keys, rows, m.vals.numpy().astype(dtype, copy=False), tile, out_rows, out_vals)
+    out_rows, out_vals = np.empty(len(rows), dtype=np.int32), np.empty(len(rows), dtype=dtype)
+    kernel(rows, m.cols.numpy(), m.vals.numpy().astype(dtype, copy=False), n, tile, starts, ptr, out_rows, out_vals)
     return ptr, out_rows, out_vals
 
 
