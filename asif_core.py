@@ -671,11 +671,13 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
 
 # A sparse accumulation costs about this many dense (BLAS) multiply-adds on
 # the CPU; used to choose between the two ways of computing <r(x), r(t)>.
-SPARSE_OP_COST = 80.0
+SPARSE_OP_COST = 25.0
 # A sparse product also costs about this many sparse ops per output entry.
 SPARSE_FLOOR = 1.0
 # Writing one entry of a dense copy (zero fill + scatter), in sparse-op units.
 DENSIFY_COST = 0.1
+# Splitting the entries into a dense and a sparse part, per entry of either side.
+SPLIT_COST = 10.0
 _SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that all agree
 _DENSE_ROWS = None   # tests force the row chunking that a GPU uses when memory is short
 _SPARSE_BACKEND = None  # tests force "scipy" to check it against the numba kernel
@@ -768,7 +770,25 @@ def _tiled_product(a_ptr, a_rows, a_vals, b_ptr, b_rows, b_vals, n, tile_a, tile
             if sa == ea:
                 continue
             sb, eb = b_ptr[pb + j], b_ptr[pb + j + 1]
-            for x in range(sa, ea):
+            x = sa
+            while x + 3 < ea:  # four rows per pass: each b entry is loaded once for all four
+                r, v, r2, v2 = r0 + a_rows[x], a_vals[x], r0 + a_rows[x + 1], a_vals[x + 1]
+                r3, v3, r4, v4 = r0 + a_rows[x + 2], a_vals[x + 2], r0 + a_rows[x + 3], a_vals[x + 3]
+                for y in range(sb, eb):
+                    c, w = c0 + b_rows[y], b_vals[y]
+                    out[r, c] += v * w
+                    out[r2, c] += v2 * w
+                    out[r3, c] += v3 * w
+                    out[r4, c] += v4 * w
+                x += 4
+            while x + 1 < ea:
+                r, v, r2, v2 = r0 + a_rows[x], a_vals[x], r0 + a_rows[x + 1], a_vals[x + 1]
+                for y in range(sb, eb):
+                    c, w = c0 + b_rows[y], b_vals[y]
+                    out[r, c] += v * w
+                    out[r2, c] += v2 * w
+                x += 2
+            if x < ea:
                 r, v = r0 + a_rows[x], a_vals[x]
                 for y in range(sb, eb):
                     out[r, c0 + b_rows[y]] += v * b_vals[y]
@@ -853,7 +873,8 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         floor = SPARSE_FLOOR * qa * qb
         dense_cost = per_column * float(shared.sum())
         sparse_cost = float(ops.sum()) + floor
-        mixed_cost = per_column * float(hub.sum()) + float(ops[~hub].sum()) + floor
+        mixed_cost = (per_column * float(hub.sum()) + float(ops[~hub].sum()) + floor
+                      + SPLIT_COST * (len(a.vals) + len(b.vals)))
         costs = {"dense": dense_cost, "sparse": sparse_cost, "mixed": mixed_cost}
         way = _SCORING_WAY or min(costs, key=costs.get)
         if way == "sparse":
@@ -898,7 +919,8 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
             free, _ = torch.cuda.mem_get_info(dev)
             rows = max(1, min(qa, (free // 2) // (4 * (tb.shape[0] + 1)) - qb))
         for lo in range(0, qa, rows):
-            out[lo:lo + rows] += densify(a, lo, min(qa, lo + rows)) @ tb
+            hi = min(qa, lo + rows)
+            torch.addmm(out[lo:hi], densify(a, lo, hi), tb, out=out[lo:hi])  # no [rows, Qb] temporary
         if whole:
             return out  # every anchor went into the dense product
     rest = ~hub[b.cols] & (ca[b.cols] > 0)  # empty on CUDA, where every shared anchor is a hub
@@ -987,8 +1009,9 @@ def classification_metrics(scores, labels) -> dict:
     top = s.topk(min(5, s.shape[1]), dim=1).indices
     hit1 = top[:, 0] == y
     hit5 = (top == y[:, None]).any(dim=1)
-    present = torch.unique(y)
-    recalls = torch.stack([hit1[y == c].double().mean() for c in present])
+    n_per_class = torch.bincount(y, minlength=s.shape[1])
+    present = n_per_class > 0
+    recalls = torch.bincount(y, weights=hit1.double(), minlength=s.shape[1])[present] / n_per_class[present]
     return {"acc1": float(hit1.double().mean()), "acc5": float(hit5.double().mean()),
             "mean_per_class_recall": float(recalls.mean())}
 
