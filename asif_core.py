@@ -682,6 +682,7 @@ _SCORING_WAY = None  # tests force "dense", "sparse" or "mixed" to check that al
 _DENSE_ROWS = None   # tests force the row chunking that a GPU uses when memory is short
 _SPARSE_BACKEND = None  # tests force "scipy" to check it against the numba kernel
 _SPARSE_TILES = None  # tests force small output tiles so that several tiles meet in the kernel
+SPARSE_MAX_POINTERS = 1 << 25  # per side of the sparse kernel, int64 each
 
 
 @dataclass
@@ -806,6 +807,10 @@ def _sparse_tiles(a: _Entries, b: _Entries) -> tuple[int, int]:
     (qa, n), qb = a.shape, b.shape[0]
     per_entry = len(a.vals) * len(b.vals) / max(1, n * qa * qb)  # updates per output entry, anchors alike
     ta, tb = (256, 512) if per_entry > 30 else (512, 1024)
+    # Each side's pointers take n_tiles * N entries: within SPARSE_MAX_POINTERS (256 MiB) however
+    # many queries and anchors (50k images against 1.6M anchors would otherwise need 1.2 GB).
+    max_tiles = max(1, SPARSE_MAX_POINTERS // max(n, 1))
+    ta, tb = max(ta, -(-qa // max_tiles)), max(tb, -(-qb // max_tiles))
     return min(ta, max(qa, 1)), min(tb, max(qb, 1))
 
 

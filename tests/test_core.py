@@ -146,6 +146,17 @@ def test_numba_kernel_is_there():
     assert ac._sparse_kernels()
 
 
+def test_sparse_kernel_pointers_stay_bounded():
+    # tiles grow with the problem so that the (tile, anchor) pointers fit SPARSE_MAX_POINTERS
+    def entries(rows, n):
+        e = torch.zeros(1, dtype=torch.long)
+        return ac._Entries(e, e, torch.ones(1), (rows, n))
+    for qa, qb, n in ((2000, 1800, 200000), (50000, 80000, 1600000), (7, 3, 10)):
+        ta, tb = ac._sparse_tiles(entries(qa, n), entries(qb, n))
+        for q, t in ((qa, ta), (qb, tb)):
+            assert 1 <= t <= q and -(-q // t) * n <= max(ac.SPARSE_MAX_POINTERS, n)
+
+
 def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
     q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
     model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
