@@ -875,9 +875,13 @@ def _encode_rows(encoder, kind: str, items: Sequence, rows: range, batch_size: i
     cannot be loaded leaves a zero row and an entry in ``failed``: the rows of
     the others stay where they are, so image i still pairs with caption i."""
     out = np.zeros((len(rows), encoder.dim), dtype=np.float32)
-    failed, good, payload = [], [], []
+    failed, good, payload, inverse = [], [], [], None
     if kind == "text":
-        good, payload = list(range(len(rows))), [str(items[r]) for r in rows]
+        # Captions made from labels repeat a few sentences thousands of times:
+        # each distinct text is embedded once and copied to every row holding it.
+        first: dict[str, int] = {}
+        inverse = np.array([first.setdefault(str(items[r]), len(first)) for r in rows], dtype=np.int64)
+        good, payload = list(range(len(rows))), list(first)
     else:
         def attempt(r):
             try:
@@ -898,7 +902,7 @@ def _encode_rows(encoder, kind: str, items: Sequence, rows: range, batch_size: i
         if vectors.shape != (len(payload), encoder.dim):
             raise DataError(f"encoder {encoder.name} returned shape {vectors.shape} for {len(payload)} inputs; "
                             f"expected {(len(payload), encoder.dim)}")
-        out[good] = vectors
+        out[good] = vectors if inverse is None else vectors[inverse]
     return out, failed
 
 

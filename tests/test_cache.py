@@ -79,6 +79,15 @@ def test_cache_hit_and_values(tmp_path):
     assert [json.loads(l)["caption"] for l in open(a.folder / "captions.jsonl")] == texts(40)
 
 
+def test_repeated_captions_are_embedded_once(tmp_path):
+    enc = FakeEncoder("text")
+    items = [f"a photo of a {c}" for c in ("shirt", "bag", "shirt", "boot", "bag", "shirt")] * 5
+    e = D.embed_cached(enc, items, kind="text", dataset={"d": "repeats"}, ids=[str(i) for i in range(30)],
+                       name="r", root=tmp_path, shard_rows=12, progress=False)
+    assert enc.rows == 3 * 3  # three distinct captions in each of the three shards
+    np.testing.assert_array_equal(np.asarray(e.array), FakeEncoder("text").encode(items))
+
+
 @pytest.mark.parametrize("change", ["weights", "preprocessing", "dataset", "texts"])
 def test_cache_key_changes_never_serve_stale_vectors(tmp_path, change):
     base = FakeEncoder("text")
