@@ -250,7 +250,6 @@ def cmd_data_build(args) -> int:
 
 def cmd_eval(args) -> int:
     import time
-    import asif_core as ac
     import asif_data
     import asif_ui
     import asif_encoders
@@ -264,9 +263,8 @@ def cmd_eval(args) -> int:
     counts = args.n_anchors or asif_ui.anchor_counts(len(anchors))
     if max(counts) > len(anchors):
         raise UsageError(f"--n-anchors: the anchor set {args.anchors} has {len(anchors)} pairs, asked for {max(counts)}")
-    rows = ac.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts, len(evals.classnames),
-                    n_anchors=counts, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
-                    device=args.device, progress=not args.quiet)
+    rows = asif_ui.zero_shot_curve(evals, anchors, args.exponents, args.non_zeros, args.reduce, counts,
+                                   args.device, progress=not args.quiet)
     wall = time.perf_counter() - start
     _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
     chance = 1 / len(evals.classnames)
@@ -322,6 +320,7 @@ REPORT_START, REPORT_END = "<!-- results:start -->", "<!-- results:end -->"
 def cmd_report(args) -> int:
     """Rewrite the README's results section from the JSON and figures of a run."""
     import json
+    import os
     import shutil
     from pathlib import Path
     import asif_core as ac
@@ -351,7 +350,7 @@ def cmd_report(args) -> int:
         built = "" if args.build_seconds is None else \
             f", of which {args.build_seconds / 60:.1f} min building or checking the embeddings"
         parts += [f"This `bash run.sh` took {args.seconds / 60:.1f} min{built}, on "
-                  f"{asif_ui.machine_summary()['cpu_count']} CPU cores (device {ac.pick_device('auto')}).", ""]
+                  f"{os.cpu_count()} CPU cores (device {ac.pick_device('auto')}).", ""]
     parts.append(REPORT_END)
     text = readme.read_text()
     if REPORT_START in text and REPORT_END in text:

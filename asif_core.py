@@ -25,8 +25,7 @@ import json
 import math
 import os
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -862,6 +861,7 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
     (qa, n), qb = a.shape, b.shape[0]
     dev = a.vals.device
     out_dtype = torch.promote_types(a.vals.dtype, b.vals.dtype)
+    budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)  # bytes for the dense copies
     ca = torch.bincount(a.cols, minlength=n)
     cb = torch.bincount(b.cols, minlength=n)
     shared = (ca > 0) & (cb > 0)
@@ -886,7 +886,6 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
             return torch.from_numpy(_sparse_product(a, b)).to(out_dtype)
         if way == "dense":
             hub = shared
-        budget = memory_budget or (DEFAULT_RAM_BUDGET * 2)
         if int(hub.sum()) * (qa + qb) * 4 > budget:  # keep the dense part within memory
             order = torch.argsort(ca * cb, descending=True)[: budget // (4 * (qa + qb))]
             hub = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -899,9 +898,10 @@ def _sparse_similarity(a: _Entries, b: _Entries, memory_budget: int | None = Non
         # column u that the product leaves out, so no entry needs masking.
         # When (nearly) every anchor is a hub, the columns stay as they are
         # and a top-k form is densified with one scatter.
-        whole = u == n or (u * 5 >= n * 4 and n * (qa + qb) * 4 <= (memory_budget or DEFAULT_RAM_BUDGET * 2))
-        col = torch.full((n,), u, dtype=torch.long, device=dev)
-        col[hub] = torch.arange(u, device=dev)
+        whole = u == n or (u * 5 >= n * 4 and n * (qa + qb) * 4 <= budget)
+        if not whole:
+            col = torch.full((n,), u, dtype=torch.long, device=dev)
+            col[hub] = torch.arange(u, device=dev)
 
         def densify(m: _Entries, lo: int = 0, hi: int | None = None) -> torch.Tensor:
             """Rows lo..hi of m as a dense [hi - lo, u] matrix over the hub columns (all N when whole)."""

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from asif_encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from asif_core import (ASIFInputError, atomic_write, atomic_save_npy, atomic_write_json,
                        load_embedding_set, sha256_file)
 
@@ -100,9 +101,14 @@ SMOKE_SIZE = 200
 def smoke_limit(limit: int | None) -> int | None:
     """``limit`` unless it is None and ``ASIF_SMOKE`` is set (CI runs notebooks
     on small subsets), then ``SMOKE_SIZE``."""
-    if limit is None and os.environ.get("ASIF_SMOKE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if limit is None and is_smoke():
         return SMOKE_SIZE
     return limit
+
+
+def is_smoke() -> bool:
+    """True when ASIF_SMOKE asks for the small CI run."""
+    return os.environ.get("ASIF_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -587,8 +593,8 @@ def svg_caption(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         head = f.read(256 * 1024).decode("utf-8", errors="replace")
     work = head.split("<cc:Agent", 1)[0]  # creator/publisher agents also carry dc:title
-    title = _clean(_DC["title"].search(work).group(1)) if _DC["title"].search(work) else ""
-    desc = _clean(_DC["description"].search(work).group(1)) if _DC["description"].search(work) else ""
+    title = _clean(m.group(1)) if (m := _DC["title"].search(work)) else ""
+    desc = _clean(m.group(1)) if (m := _DC["description"].search(work)) else ""
     subject = _DC["subject"].search(head)
     keywords = []
     for k in (_LI.findall(subject.group(1)) if subject else []):
@@ -1054,10 +1060,6 @@ def _text_encoder(encoder):
     return encoder
 
 
-DEFAULT_IMAGE_ENCODER = "efficientnet_lite0"
-DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
-
-
 @dataclass
 class AnchorEmbeddings:
     """Aligned anchors: row i of ``A_img`` [N, d1] and ``A_txt`` [N, d2] is one pair.
@@ -1130,8 +1132,10 @@ def load_anchor_embeddings(anchor_set: str | AnchorSet, image_encoder=DEFAULT_IM
         A_img[where], A_txt[where], ok[where] = img[inverse], txt[inverse], img_ok[inverse]
         dropped += failed
     keep = np.flatnonzero(ok)
+    if len(keep) < len(ok):  # pairs whose image failed leave both sides (copied only then)
+        A_img, A_txt = A_img[keep], A_txt[keep]
     captions, ids = anchor_set.captions, anchor_set.ids
-    return AnchorEmbeddings(A_img[keep], A_txt[keep], [captions[i] for i in keep], [ids[i] for i in keep],
+    return AnchorEmbeddings(A_img, A_txt, [captions[i] for i in keep], [ids[i] for i in keep],
                             keep, anchor_set, dropped)
 
 

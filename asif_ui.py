@@ -23,6 +23,7 @@ import numpy as np
 import asif_core as ac
 import asif_data
 import asif_encoders
+from asif_data import is_smoke  # re-exported: the notebooks call ui.is_smoke()
 
 __all__ = [
     "is_smoke", "in_colab", "machine_summary", "show_machine", "Choice", "load_choice", "save_choice",
@@ -36,11 +37,6 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # where we run
 # ---------------------------------------------------------------------------
-
-def is_smoke() -> bool:
-    """True when ASIF_SMOKE asks for the small CI run."""
-    return os.environ.get("ASIF_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
-
 
 def in_colab() -> bool:
     return "google.colab" in sys.modules

@@ -159,7 +159,7 @@ def main(argv=None):
         bench_texts(args, rows)
     print(f"\nCPU: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"image batch {args.batch_size}, text batch {args.text_batch_size}, best of {args.repeats}")
-    print(f"| modality | encoder | path | items/s | vs bare torch |\n|---|---|---|---:|---:|")
+    print("| modality | encoder | path | items/s | vs bare torch |\n|---|---|---|---:|---:|")
     for mod, name, path, rate, ratio in rows:
         print(f"| {mod} | {name} | {path} | {rate:.1f} | {'' if ratio is None else f'{ratio:.0%}'} |")
 
