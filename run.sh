@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES="dataset-fashion-mnist openclipart-svg tuxpaint-stamps-default libcairo2"
+APT_PACKAGES=$(cat asif/data/apt-packages.txt)  # the same list the notebooks install in Colab
 
 setup_apt() {
   local missing=()
@@ -50,7 +50,8 @@ case "${1:-main}" in
     # Unit tests, then the notebooks under nbval in smoke mode (small data,
     # a cache of their own so a user's choice and full embeddings stay as
     # they are).
-    export ASIF_SMOKE=1 ASIF_CACHE=${ASIF_TEST_CACHE:-.cache/smoke} ASIF_BUILD=${ASIF_TEST_BUILD:-.cache/smoke-build}
+    # Absolute paths: the notebooks' kernels run in notebooks/.
+    export ASIF_SMOKE=1 ASIF_CACHE=${ASIF_TEST_CACHE:-$PWD/.cache/smoke} ASIF_BUILD=${ASIF_TEST_BUILD:-$PWD/.cache/smoke-build}
     exec .venv/bin/python -m pytest tests notebooks --nbval-lax "$@"
     ;;
   main)

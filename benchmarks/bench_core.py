@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -23,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import asif_core as ac  # noqa: E402
+import asif_core as ac
+from asif.synthetic import synthetic_coupled_data
 
 
 def rss_anon() -> int:
@@ -125,12 +124,12 @@ def main():
 
     common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device=str(dev))
     # Load the compiled sparse kernel once, outside the timings, as a long-running process has it.
-    warm = ac.synthetic_coupled_data(n_anchors=3000, n_images=20)
+    warm = synthetic_coupled_data(n_anchors=3000, n_images=20)
     ac.similarity(*(ac.relative_representation(warm[q], warm[a], 20, device="cpu")
                     for q, a in (("images", "anchor_images"), ("prompts", "anchor_texts"))))
     runs = {"bare": lambda: bare_products(x, prompts, a_img, a_txt, block, dev, dtype),
-            "one": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, n_anchors=[args.anchors], **common),
-            "sweep": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, n_anchors=args.counts, **common)}
+            "one": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=[args.anchors], **common),
+            "sweep": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=args.counts, **common)}
     times, peaks, outs = {k: [] for k in runs}, dict.fromkeys(runs, 0), {}
     # Rounds interleave the three, so that a slow spell of a shared machine hits them alike;
     # the figures are the best of the rounds, and the per-round ratios are kept too.
@@ -185,7 +184,7 @@ def main():
             size = sum(p.stat().st_size for p in paths) / 2**30
             with PeakMemory() as mem_mm:
                 t_mm, rows_mm = timed(lambda: ac.sweep(mi, mt, x, y, prompts, args.classes,
-                                                       n_anchors=[args.memmap // 8, args.memmap // 2, args.memmap],
+                                                       anchor_counts=[args.memmap // 8, args.memmap // 2, args.memmap],
                                                        progress=True, **common))
             res.update(memmap_anchors=args.memmap, memmap_GiB=size, memmap_sweep_s=t_mm,
                        memmap_peak_extra_memory_MiB=mem_mm.peak / 2**20)

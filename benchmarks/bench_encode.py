@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import asif_encoders  # noqa: E402
+from asif import encoders as asif_encoders  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:

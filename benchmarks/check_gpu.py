@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import asif_core as ac  # noqa: E402
+import asif_core as ac
+from asif import scoring
+from asif.synthetic import synthetic_coupled_data
 
 # float16 keeps about 3 decimal digits: scores agree to this, accuracies to a fraction of a point
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-2}
@@ -43,7 +44,7 @@ def main():
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {name}; auto picks {ac.pick_device('auto')}, "
           f"default dtype there {ac.resolve_dtype(None, dev)}")
-    d = ac.synthetic_coupled_data(n_anchors=args.anchors, n_classes=20, n_templates=4, n_images=args.images,
+    d = synthetic_coupled_data(n_anchors=args.anchors, n_classes=20, n_templates=4, n_images=args.images,
                                   image_dim=256, text_dim=128, noise=1.5, seed=1)
     ai, at, x, y, p = d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"]
     k, counts = args.non_zeros, [1000, 5000, args.anchors]
@@ -56,10 +57,10 @@ def main():
             failed.append(name)
 
     t = time.perf_counter()
-    ref_rows = ac.sweep(ai, at, x, y, p, 20, n_anchors=counts, non_zeros=k, device="cpu", dtype="float64",
+    ref_rows = ac.sweep(ai, at, x, y, p, 20, anchor_counts=counts, non_zeros=k, device="cpu", dtype="float64",
                         return_scores=True)
     ref_rep = ac.relative_representation(x, ai, k, 8, device="cpu", dtype="float64")
-    ref_sim = ac.similarity(ref_rep, ac.relative_representation(p, at, k, 8, device="cpu", dtype="float64")).numpy()
+    ref_sim = ac.similarity(ref_rep, ac.relative_representation(p, at, k, 8, device="cpu", dtype="float64"))
     print(f"CPU float64 reference: {time.perf_counter() - t:.1f} s")
 
     for dt in ("float64", "float32", "float16")[: 3 if dev.type == "cuda" else 2]:
@@ -67,11 +68,11 @@ def main():
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         sync()
         t = time.perf_counter()
-        rows = ac.sweep(ai, at, x, y, p, 20, n_anchors=counts, non_zeros=k, device=dev, dtype=dt,
+        rows = ac.sweep(ai, at, x, y, p, 20, anchor_counts=counts, non_zeros=k, device=dev, dtype=dt,
                         return_scores=True)
         sync()
         wall = time.perf_counter() - t
-        score_err = max(float((r["scores"].double() - q["scores"]).abs().max()) for r, q in zip(rows, ref_rows))
+        score_err = max(float(np.abs(r["scores"].astype(np.float64) - q["scores"]).max()) for r, q in zip(rows, ref_rows))
         acc_gap = max(abs(r["acc1"] - q["acc1"]) for r, q in zip(rows, ref_rows))
         check(f"sweep {dt}", score_err <= tol and acc_gap <= (0 if dt != "float16" else 0.01),
               {"max_score_error": score_err, "max_acc1_gap": acc_gap, "seconds": round(wall, 3),
@@ -80,7 +81,7 @@ def main():
         same = np.mean([len(set(a) & set(b)) / k for a, b in zip(rep.indices.cpu().numpy(), ref_rep.indices.numpy())])
         check(f"top-k {dt}", rep.indices.device.type == dev.type and same >= (1.0 if dt == "float64" else 0.99),
               {"mean_share_of_same_anchors": float(same)})
-        sim = ac.similarity(rep, ac.relative_representation(p, at, k, 8, device=dev, dtype=dt)).double().cpu().numpy()
+        sim = ac.similarity(rep, ac.relative_representation(p, at, k, 8, device=dev, dtype=dt)).astype(np.float64)
         check(f"similarity {dt}", np.abs(sim - ref_sim).max() <= tol, {"max_error": float(np.abs(sim - ref_sim).max())})
 
     # dense scoring in row chunks, as when free GPU memory is short
@@ -91,11 +92,10 @@ def main():
         if dev.type == "cuda":
             total = torch.cuda.mem_get_info(dev)[1]
             torch.cuda.mem_get_info = lambda device=None: (8 * 4 * (args.anchors + 1) * 50, total)  # ~100 rows a chunk
-        ac._DENSE_ROWS, ac._SCORING_WAY = 100, "dense"  # the CPU's way to the same chunking
-        sim = ac.similarity(rep_i, rep_t).double().cpu().numpy()
+        with scoring.forced(dense_rows=100, way="dense"):  # the CPU's way to the same chunking
+            sim = ac.similarity(rep_i, rep_t).astype(np.float64)
     finally:
         torch.cuda.mem_get_info = free
-        ac._DENSE_ROWS = ac._SCORING_WAY = None
     check("row-chunked dense scoring", np.abs(sim - ref_sim).max() <= TOLERANCE["float32"],
           {"max_error": float(np.abs(sim - ref_sim).max())})
 
@@ -118,7 +118,7 @@ def main():
             mm.flush()
             paths.append(Path(tmp) / f"{name}.npy")
         mi, mt = (np.load(q, mmap_mode="r") for q in paths)
-        rows = ac.sweep(mi, mt, x, y, p, 20, n_anchors=counts, non_zeros=k, device=dev, block_size=4096)
+        rows = ac.sweep(mi, mt, x, y, p, 20, anchor_counts=counts, non_zeros=k, device=dev, block_size=4096)
         gap = max(abs(r["acc1"] - q["acc1"]) for r, q in zip(rows, ref_rows))
         check("float16 memmap, 4096-anchor blocks", gap <= 0.01, {"max_acc1_gap": gap})
 

@@ -1,11 +1,7 @@
-"""The embedding cache: keys, shards, resume after a kill, repair, failed images.
-
-A small deterministic fake encoder (same attributes as the real ones) keeps
-these fast; one test at the end uses the real packaged encoders if present.
-"""
-import hashlib
+"""The embedding cache: keys, shards, resume after a kill, repair, failed images, and old caches still valid."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,45 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-import asif_data as D
+from asif import cache as C
+from asif.storage import load_embedding_set
+from conftest import DEBIAN_DATA, FakeEncoder, write_images
 
 HERE = Path(__file__).resolve().parent
-
-
-class FakeEncoder:
-    """Deterministic stand-in: text -> vector from its sha256; image -> its 2x2
-    mean colours (12 values) plus a constant. ``rows`` counts what it encoded."""
-
-    def __init__(self, kind="image", weights="v1", preprocessing="2x2-mean", delay=0.0):
-        self.name = f"fake-{kind}"
-        self.dim = 13 if kind == "image" else 16
-        self.identity = {"encoder": self.name, "weights": weights, "preprocessing": preprocessing}
-        self.delay, self.rows = delay, 0
-
-    def vector(self, x):
-        if isinstance(x, str):
-            v = np.frombuffer(hashlib.sha256(x.encode()).digest()[:16], dtype=np.uint8).astype(np.float32) + 1
-        else:
-            im = x if isinstance(x, Image.Image) else Image.open(x).convert("RGB")
-            v = np.append(np.asarray(im.convert("RGB").resize((2, 2)), dtype=np.float32).ravel(), 1.0)
-        return v / np.linalg.norm(v)
-
-    def encode(self, items, batch_size=64, progress=False):
-        time.sleep(self.delay)
-        self.rows += len(items)
-        return np.stack([self.vector(x) for x in items]).astype(np.float32)
-
-
-def write_images(folder: Path, n: int):
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img{i:03d}.png"
-        Image.new("RGB", (6, 5), ((37 * i) % 256, (91 * i) % 256, (13 * i + 7) % 256)).save(p)
-        paths.append(p)
-    return paths
 
 
 def texts(n):
@@ -61,7 +24,7 @@ def texts(n):
 
 def embed_texts(enc, root, n=40, shard_rows=8, dataset=None):
     items = texts(n)
-    return D.embed_cached(enc, items, kind="text", dataset=dataset or {"d": "texts"},
+    return C.embed_cached(enc, items, kind="text", dataset=dataset or {"d": "texts"},
                           ids=[str(i) for i in range(n)], name="t", root=root, shard_rows=shard_rows,
                           progress=False)
 
@@ -82,7 +45,7 @@ def test_cache_hit_and_values(tmp_path):
 def test_repeated_captions_are_embedded_once(tmp_path):
     enc = FakeEncoder("text")
     items = [f"a photo of a {c}" for c in ("shirt", "bag", "shirt", "boot", "bag", "shirt")] * 5
-    e = D.embed_cached(enc, items, kind="text", dataset={"d": "repeats"}, ids=[str(i) for i in range(30)],
+    e = C.embed_cached(enc, items, kind="text", dataset={"d": "repeats"}, ids=[str(i) for i in range(30)],
                        name="r", root=tmp_path, shard_rows=12, progress=False)
     assert enc.rows == 3 * 3  # three distinct captions in each of the three shards
     np.testing.assert_array_equal(np.asarray(e.array), FakeEncoder("text").encode(items))
@@ -96,7 +59,7 @@ def test_cache_key_changes_never_serve_stale_vectors(tmp_path, change):
                       preprocessing="other" if change == "preprocessing" else "2x2-mean")
     if change == "texts":
         items = texts(39) + ["a different caption"]
-        second = D.embed_cached(enc, items, kind="text", dataset={"d": "texts"}, ids=[str(i) for i in range(40)],
+        second = C.embed_cached(enc, items, kind="text", dataset={"d": "texts"}, ids=[str(i) for i in range(40)],
                                 name="t", root=tmp_path, shard_rows=8, progress=False)
     else:
         second = embed_texts(enc, tmp_path, dataset={"d": "other"} if change == "dataset" else None)
@@ -116,7 +79,7 @@ def test_corrupt_shard_is_detected_and_rebuilt(tmp_path):
     b = embed_texts(enc, tmp_path)
     assert enc.rows == 8, "only the damaged shard is recomputed"
     np.testing.assert_array_equal(np.asarray(b.array), reference)
-    D.load_embedding_set(b.folder, verify=True)  # manifest and shards agree again
+    load_embedding_set(b.folder, verify=True)  # manifest and shards agree again
     (a.folder / a.manifest["shards"][4]["file"]).unlink()  # a missing shard too
     c = embed_texts(enc, tmp_path)
     np.testing.assert_array_equal(np.asarray(c.array), reference)
@@ -129,7 +92,7 @@ def test_corrupt_image_keeps_alignment(tmp_path):
     rows = [{"image": f"imgs/{p.name}", "caption": f"picture {p.stem}"} for p in paths]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     img_enc, txt_enc = FakeEncoder("image"), FakeEncoder("text")
-    anchors = D.load_anchor_embeddings(f"captions:{tmp_path / 'pairs.jsonl'}", img_enc, txt_enc,
+    anchors = C.load_anchor_embeddings(f"captions:{tmp_path / 'pairs.jsonl'}", img_enc, txt_enc,
                                        root=tmp_path / "cache", progress=False)
     assert len(anchors) == 10
     assert {d["id"].split(":")[0].rsplit("/", 1)[-1] for d in anchors.dropped} == {"img003.png", "img007.png"}
@@ -144,25 +107,24 @@ def test_corrupt_image_keeps_alignment(tmp_path):
     m = json.loads(manifest.read_text())
     assert sorted(f["row"] for f in m["failed"]) == sorted(
         anchors.anchor_set.order[[anchors.anchor_set.ids.index(d["id"]) for d in anchors.dropped], 1].tolist())
-    arr = D.load_embedding_set(manifest.parent).array
+    arr = load_embedding_set(manifest.parent).array
     assert all(not np.asarray(arr[f["row"]]).any() for f in m["failed"])
 
 
 KILL_SCRIPT = """
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import asif_data as D
-from test_cache import FakeEncoder, texts
+from asif import cache as C
+from conftest import FakeEncoder
 enc = FakeEncoder("text", delay=0.15)
-D.embed_cached(enc, texts(64), kind="text", dataset={{"d": "kill"}}, ids=[str(i) for i in range(64)],
-               name="k", root={cache!r}, shard_rows=8, progress=False)
+C.embed_cached(enc, [f"caption number {{i}}" for i in range(64)], kind="text", dataset={{"d": "kill"}},
+               ids=[str(i) for i in range(64)], name="k", root={cache!r}, shard_rows=8, progress=False)
 """
 
 
 def test_killed_run_resumes_from_complete_shards(tmp_path):
     cache = tmp_path / "killed"
-    script = KILL_SCRIPT.format(root=str(HERE.parent), tests=str(HERE), cache=str(cache))
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    script = KILL_SCRIPT.format(cache=str(cache))
+    env = dict(os.environ, PYTHONPATH=str(HERE))  # the fake encoder lives in conftest
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
     deadline = time.time() + 30
     try:
         while time.time() < deadline and len(list(cache.rglob(".progress/*.json"))) < 3:
@@ -174,10 +136,10 @@ def test_killed_run_resumes_from_complete_shards(tmp_path):
     assert 3 <= done < 8, f"the run should have been killed mid-way ({done} shards done)"
     assert not list(cache.rglob("manifest.json")), "no manifest before the run completes"
     enc = FakeEncoder("text")
-    resumed = D.embed_cached(enc, texts(64), kind="text", dataset={"d": "kill"}, ids=[str(i) for i in range(64)],
+    resumed = C.embed_cached(enc, texts(64), kind="text", dataset={"d": "kill"}, ids=[str(i) for i in range(64)],
                              name="k", root=cache, shard_rows=8, progress=False)
     assert enc.rows == 64 - 8 * done, "completed shards are not recomputed"
-    fresh = D.embed_cached(FakeEncoder("text"), texts(64), kind="text", dataset={"d": "kill"},
+    fresh = C.embed_cached(FakeEncoder("text"), texts(64), kind="text", dataset={"d": "kill"},
                            ids=[str(i) for i in range(64)], name="k", root=tmp_path / "fresh", shard_rows=8,
                            progress=False)
     np.testing.assert_array_equal(np.asarray(resumed.array), np.asarray(fresh.array))
@@ -189,7 +151,7 @@ def test_eval_embeddings_are_class_major_and_drop_failed(tmp_path):
         write_images(tmp_path / "folder" / cls, 3)
     (tmp_path / "folder" / "dog" / "img001.png").write_bytes(b"garbage")
     img_enc, txt_enc = FakeEncoder("image"), FakeEncoder("text")
-    e = D.load_eval_embeddings(f"imagefolder:{tmp_path / 'folder'}", img_enc, txt_enc, root=tmp_path / "c",
+    e = C.load_eval_embeddings(f"imagefolder:{tmp_path / 'folder'}", img_enc, txt_enc, root=tmp_path / "c",
                                progress=False)
     assert e.images.shape == (5, 13) and e.labels.tolist() == [0, 0, 0, 1, 1]
     T = len(e.templates)
@@ -198,25 +160,45 @@ def test_eval_embeddings_are_class_major_and_drop_failed(tmp_path):
     assert len(e.dropped) == 1 and "img001" in e.dropped[0]["id"]
 
 
+@pytest.mark.skipif(not DEBIAN_DATA["dataset-fashion-mnist"].exists(),
+                    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
 def test_real_encoders_through_cache(tmp_path):
-    enc = pytest.importorskip("asif_encoders")
-    try:
-        image_encoder, text_encoder = enc.load_image_encoder(), enc.load_text_encoder()
-    except Exception as e:  # packaged weights not installed here
-        pytest.skip(f"real encoders unavailable: {e}")
-    if FASHION_MNIST_MISSING:
-        pytest.skip("dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
-    t = time.time()
-    e = D.load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, limit=16, root=tmp_path,
+    from asif.encoders import load_image_encoder, load_text_encoder
+    image_encoder, text_encoder = load_image_encoder(), load_text_encoder()
+    e = C.load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, limit=16, root=tmp_path,
                                progress=False)
-    first = time.time() - t
     assert e.images.shape == (16, image_encoder.dim) and e.prompts.shape == (60, text_encoder.dim)
     np.testing.assert_allclose(np.linalg.norm(e.images, axis=1), 1, atol=1e-4)
-    t = time.time()
-    again = D.load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, limit=16, root=tmp_path,
+    calls = []
+    real = image_encoder.encode
+    image_encoder.encode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    again = C.load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, limit=16, root=tmp_path,
                                    progress=False)
-    assert time.time() - t < max(1.0, first / 2)
+    assert calls == [], "a cache hit encodes nothing"
     np.testing.assert_array_equal(again.images, e.images)
 
 
-FASHION_MNIST_MISSING = not (D.FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
+def test_a_cache_built_before_the_package_layout_is_still_valid(tmp_path, monkeypatch):
+    """tests/data/cache_v1 was written by the single-file data module that came before asif/:
+    same keys, same folders, same values, nothing encoded again."""
+    fixture = HERE / "data" / "cache_v1"
+    shutil.copytree(fixture, tmp_path / "v1")
+    monkeypatch.chdir(tmp_path / "v1")  # the anchor set was named by a relative pattern
+    stamp = 1_700_000_000_000_000_000  # the image folder's ids hold each file's mtime
+    for p in Path("inputs/folder").rglob("*.png"):
+        os.utime(p, ns=(stamp, stamp))
+    img, txt = FakeEncoder("image"), FakeEncoder("text")
+    before = sorted(str(p) for p in Path("cache").rglob("*") if p.is_file())
+    a = C.load_anchor_embeddings("webdataset:inputs/shard-00000.tar", img, txt, root="cache", progress=False)
+    e = C.load_eval_embeddings("imagefolder:inputs/folder", img, txt, root="cache", progress=False)
+    assert img.rows == txt.rows == 0, "every vector came from the old cache"
+    assert sorted(str(p) for p in Path("cache").rglob("*") if p.is_file() and "verified" not in p.name) == before
+    assert len(a) == 5 and [d["row"] for d in a.dropped] == [3], "the corrupt image is still the failed row"
+    assert e.images.shape == (6, 13) and e.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # and the stored vectors are what the encoders give today
+    fresh_img, fresh_txt = FakeEncoder("image"), FakeEncoder("text")
+    new = C.load_anchor_embeddings("webdataset:inputs/shard-00000.tar", fresh_img, fresh_txt,
+                                   root=tmp_path / "fresh", progress=False)
+    np.testing.assert_allclose(a.A_img, new.A_img, atol=1e-7)
+    np.testing.assert_allclose(a.A_txt, new.A_txt, atol=1e-7)
+    assert a.captions == new.captions and fresh_img.rows == 5

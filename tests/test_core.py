@@ -1,48 +1,19 @@
-"""asif_core against a brute-force dense float64 reference, plus properties."""
-import json
-
+"""asif_core against the float64 reference of the paper (asif.reference), plus properties."""
 import numpy as np
 import pytest
 import torch
 
 import asif_core as ac
+from asif import reference, scoring, storage
+from asif.synthetic import synthetic_coupled_data
 
-
-# --- the reference: the method of the design, written as plainly as possible
 
 def ref_relative(q, a, k, p):
-    """Dense [Q, N] r(x): cosine, negatives 0, top-k (ties to lower index), ^p, L2."""
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    s = np.maximum(q.astype(np.float64) @ a.astype(np.float64).T, 0)
-    out = np.zeros_like(s)
-    for i, row in enumerate(s):
-        keep = np.argsort(-row, kind="stable")[:min(k, len(row))]
-        out[i, keep] = row[keep] ** p
-        n = np.linalg.norm(out[i])
-        if n > 0:
-            out[i] /= n
-    return out
-
-
-def ref_scores(ai, at, x, prompts, c, k, p, reduce):
-    rx, rt = ref_relative(x, ai, k, p), ref_relative(prompts, at, k, p)
-    t = len(prompts) // c
-    if reduce == "max":
-        return (rx @ rt.T).reshape(len(x), c, t).max(axis=2)
-    m = rt.reshape(c, t, -1).mean(axis=1)
-    m /= np.linalg.norm(m, axis=1, keepdims=True)
-    return rx @ m.T
+    return reference.relative_representation(q, a, k, p)
 
 
 def rand(shape, seed):
     return np.random.default_rng(seed).standard_normal(shape)
-
-
-@pytest.fixture
-def tiny():
-    return ac.synthetic_coupled_data(n_anchors=97, n_classes=4, n_templates=3, n_images=23,
-                                     image_dim=12, text_dim=7, latent_dim=5, noise=1.5, seed=3, dtype=np.float64)
 
 
 # --- relative representations
@@ -53,7 +24,7 @@ def tiny():
 def test_relative_matches_reference(block, k, p):
     q, a = rand((9, 6), 0), rand((97, 6), 1)
     r = ac.relative_representation(q, a, k, p, block_size=block, dtype="float64", device="cpu")
-    np.testing.assert_allclose(r.to_dense().numpy(), ref_relative(q, a, k, p), atol=1e-12)
+    np.testing.assert_allclose(r.to_dense(), ref_relative(q, a, k, p), atol=1e-12)
     assert r.indices.shape == (9, min(k, 97))
 
 
@@ -61,7 +32,7 @@ def test_float32_default_close_to_reference():
     q, a = rand((20, 32), 2), rand((3000, 32), 3)
     r = ac.relative_representation(q, a, 50, 8, block_size=256)
     assert r.values.dtype == torch.float32
-    np.testing.assert_allclose(r.to_dense().numpy(), ref_relative(q, a, 50, 8), atol=2e-5)
+    np.testing.assert_allclose(r.to_dense(), ref_relative(q, a, 50, 8), atol=2e-5)
 
 
 @pytest.mark.parametrize("block", [1, 3, 10])
@@ -76,7 +47,7 @@ def test_ties_go_to_the_lower_anchor_index(block):
     for k in (1, 2, 3, 6, 7, 12):
         r = ac.relative_representation(q, a, k, 3, block_size=block, dtype="float64")
         ref = ref_relative(q, a, k, 3)
-        np.testing.assert_allclose(r.to_dense().numpy(), ref, atol=1e-12)
+        np.testing.assert_allclose(r.to_dense(), ref, atol=1e-12)
         pos = r.values > 0
         want = [sorted(np.flatnonzero(row > 0)) for row in ref]
         assert [sorted(r.indices[i][pos[i]].tolist()) for i in range(len(q))] == want
@@ -110,7 +81,7 @@ def test_rotation_of_either_space_changes_nothing(tiny):
     rng = np.random.default_rng(9)
     r1, _ = np.linalg.qr(rng.standard_normal((12, 12)))
     r2, _ = np.linalg.qr(rng.standard_normal((7, 7)))
-    args = dict(n_anchors=[30, 97], exponents=[1, 8], non_zeros=20, dtype="float64", return_scores=True)
+    args = dict(anchor_counts=[30, 97], exponents=[1, 8], non_zeros=20, dtype="float64", return_scores=True)
     a = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4, **args)
     b = ac.sweep(d["anchor_images"] @ r1, d["anchor_texts"] @ r2, d["images"] @ r1, d["labels"], d["prompts"] @ r2, 4, **args)
     for x, y in zip(a, b):
@@ -131,54 +102,21 @@ def test_scaling_inputs_changes_nothing(tiny):
 @pytest.mark.parametrize("way", [None, "dense", "sparse"])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("k,p", [(5, 1), (20, 3), (97, 8), (300, 8)])
-def test_class_scores_match_reference(tiny, reduce, k, p, way, monkeypatch):
+def test_class_scores_match_reference(tiny, reduce, k, p, way):
     d = tiny
-    monkeypatch.setattr(ac, "_SCORING_WAY", way)  # None: the cost model's choice
-    monkeypatch.setattr(ac, "_SPARSE_TILES", (3, 5))
-    s = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, non_zeros=k, exponent=p,
-                    reduce=reduce, dtype="float64", block_size=16)
-    ref = ref_scores(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, k, p, reduce)
-    np.testing.assert_allclose(s.numpy(), ref, atol=1e-12)
-
-
-def test_numba_kernel_is_there():
-    # the fast sparse product is part of the install; without it scipy takes over silently
-    assert ac._sparse_kernels()
-
-
-def test_sparse_kernel_pointers_stay_bounded():
-    # tiles grow with the problem so that the (tile, anchor) pointers fit SPARSE_MAX_POINTERS
-    def entries(rows, n):
-        e = torch.zeros(1, dtype=torch.long)
-        return ac._Entries(e, e, torch.ones(1), (rows, n))
-    for qa, qb, n in ((2000, 1800, 200000), (50000, 80000, 1600000), (7, 3, 10)):
-        ta, tb = ac._sparse_tiles(entries(qa, n), entries(qb, n))
-        for q, t in ((qa, ta), (qb, tb)):
-            assert 1 <= t <= q and -(-q // t) * n <= max(ac.SPARSE_MAX_POINTERS, n)
-
-
-def test_similarity_dense_and_sparse_paths_agree(monkeypatch):
-    q, t, ai, at = rand((15, 6), 10), rand((11, 5), 11), rand((300, 6), 12), rand((300, 5), 13)
-    model = ac.ASIF(ai, at, non_zeros=9, exponent=3, dtype="float64")
-    ref = ref_relative(q, ai, 9, 3) @ ref_relative(t, at, 9, 3).T
-    for way, chunk, backend, tiles in (("sparse", None, None, None), ("sparse", None, None, (4, 3)),
-                                       ("sparse", None, "scipy", None), ("mixed", None, None, (2, 5)),
-                                       ("dense", None, None, None), ("dense", 4, None, None)):
-        monkeypatch.setattr(ac, "_SCORING_WAY", way)
-        monkeypatch.setattr(ac, "_DENSE_ROWS", chunk)
-        monkeypatch.setattr(ac, "_SPARSE_BACKEND", backend)  # None: the numba kernel
-        monkeypatch.setattr(ac, "_SPARSE_TILES", tiles)  # several output tiles, the last ones partial
-        monkeypatch.setattr(ac, "SPARSE_OP_COST", 3.0)  # so that "mixed" has hubs and a sparse rest
-        s = model.similarity(q, t)
-        np.testing.assert_allclose(s, ref, atol=1e-12)
-        assert (s >= -1e-15).all() and (s <= 1 + 1e-12).all()
+    with scoring.forced(way=way, tiles=(3, 5)):  # way None: the cost model's choice
+        s = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, non_zeros=k,
+                        exponent=p, reduce=reduce, dtype="float64", block_size=16)
+    ref = reference.class_scores(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 4, k, p, reduce)
+    assert isinstance(s, np.ndarray)
+    np.testing.assert_allclose(s, ref, atol=1e-12)
 
 
 def test_every_point_of_the_sweep_equals_a_run_on_that_prefix(tiny):
     d = tiny
     sizes, ps = [3, 10, 50, 97], [1, 3, 8]
     rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4,
-                    n_anchors=sizes, exponents=ps, non_zeros=20, dtype="float64", block_size=7, return_scores=True)
+                    anchor_counts=sizes, exponents=ps, non_zeros=20, dtype="float64", block_size=7, return_scores=True)
     assert [(r["n_anchors"], r["exponent"]) for r in rows] == [(n, float(p)) for n in sizes for p in ps]
     for r in rows:
         n = r["n_anchors"]
@@ -190,9 +128,9 @@ def test_every_point_of_the_sweep_equals_a_run_on_that_prefix(tiny):
 
 
 def test_sweep_finds_the_signal_in_coupled_data():
-    d = ac.synthetic_coupled_data(n_anchors=2000, n_classes=10, n_images=300, noise=1.0, seed=1)
+    d = synthetic_coupled_data(n_anchors=2000, n_classes=10, n_images=300, noise=1.0, seed=1)
     rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 10,
-                    n_anchors=[2000], non_zeros=100)
+                    anchor_counts=[2000], non_zeros=100)
     assert rows[0]["acc1"] > 0.5  # chance is 0.1
     # with the text anchors shuffled the coupling is gone and so is the signal
     perm = np.random.default_rng(0).permutation(2000)
@@ -201,29 +139,7 @@ def test_sweep_finds_the_signal_in_coupled_data():
     assert rows[0]["acc1"] < 0.3
 
 
-def test_classification_metrics_by_hand():
-    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
-    m = ac.classification_metrics(scores, [0, 1, 1, 2])
-    assert m["acc1"] == 0.5
-    assert m["acc5"] == 1.0
-    assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
-
-
 # --- retrieval and explanations
-
-def test_retrieval_metrics_by_brute_force():
-    rng = np.random.default_rng(0)
-    sim = rng.random((6, 12))
-    owner = np.repeat(np.arange(6), 2)
-    m = ac.retrieval_metrics(sim, owner, ks=(1, 3))
-    for k in (1, 3):
-        i2t = np.mean([bool(set(np.argsort(-sim[i])[:k]) & set(np.flatnonzero(owner == i))) for i in range(6)])
-        t2i = np.mean([owner[j] in np.argsort(-sim[:, j])[:k] for j in range(12)])
-        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
-        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
-    perfect = ac.retrieval_metrics(np.eye(4), np.arange(4), ks=(1,))
-    assert perfect["image_retrieval_recall@1"] == perfect["text_retrieval_recall@1"] == 1.0
-
 
 def test_explanation_products_sum_to_the_similarity(tiny):
     d = tiny
@@ -280,9 +196,10 @@ def test_save_load_round_trip(tmp_path, tiny):
 
 def test_sharded_memmap_anchors_stream_like_arrays(tmp_path, tiny):
     d = tiny
-    ac.save_embedding_set(tmp_path / "img", d["anchor_images"].astype(np.float16), {"encoder": "x"}, shard_rows=10)
-    es = ac.load_embedding_set(tmp_path / "img", verify=True)
-    assert isinstance(es.array, ac.ShardedArray) and es.array.shape == (97, 12)
+    storage.save_embedding_set(tmp_path / "img", d["anchor_images"].astype(np.float16), {"encoder": "x"},
+                               shard_rows=10)
+    es = storage.load_embedding_set(tmp_path / "img", verify=True)
+    assert isinstance(es.array, storage.ShardedArray) and es.array.shape == (97, 12)
     a16 = d["anchor_images"].astype(np.float16).astype(np.float64)
     top, = ac.top_k_similarities(d["images"], es.array, 9, block_size=13)
     ref, = ac.top_k_similarities(d["images"], a16, 9, dtype="float64")
@@ -315,17 +232,17 @@ def test_block_size_from_memory_budget():
     (lambda a: dict(a, non_zeros=0), "non_zeros"),
     (lambda a: dict(a, exponents=[0]), "exponent"),
     (lambda a: dict(a, exponents=[]), "exponents"),
-    (lambda a: dict(a, n_anchors=[10, 1000]), "n_anchors"),
+    (lambda a: dict(a, anchor_counts=[10, 1000]), "anchor_counts"),
     (lambda a: dict(a, reduce="sum"), "reduce"),
     (lambda a: dict(a, images=np.zeros((0, 12))), "empty"),
 ])
 def test_bad_input_is_named(tiny, mutate, match):
     args = dict(tiny)
-    args.update(n_anchors=[10, 97], exponents=[8], non_zeros=20, reduce="max")
+    args.update(anchor_counts=[10, 97], exponents=[8], non_zeros=20, reduce="max")
     args = mutate(args)
     with pytest.raises(ac.ASIFInputError, match=match):
         ac.sweep(args["anchor_images"], args["anchor_texts"], args["images"], args["labels"], args["prompts"],
-                 args["n_classes"], n_anchors=args["n_anchors"], exponents=args["exponents"],
+                 args["n_classes"], anchor_counts=args["anchor_counts"], exponents=args["exponents"],
                  non_zeros=args["non_zeros"], reduce=args["reduce"])
 
 
@@ -341,3 +258,33 @@ def test_memmap_with_nan_found_while_streaming(tmp_path):
     mm = np.load(tmp_path / "a.npy", mmap_mode="r")
     with pytest.raises(ac.ASIFInputError, match="row 37"):
         ac.relative_representation(rand((3, 4), 1), mm, 5, block_size=8)
+
+
+# --- retrieval, return types, compute options
+
+def test_retrieve_ranks_by_similarity_both_ways(tiny):
+    d = tiny
+    model = ac.ASIF(d["anchor_images"], d["anchor_texts"], 20, 3, dtype="float64")
+    sim = model.similarity(d["images"], d["prompts"])
+    assert isinstance(sim, np.ndarray) and sim.shape == (23, 12)
+    r = model.retrieve(d["images"], d["prompts"], top=3)
+    assert r.indices.shape == r.scores.shape == (23, 3)
+    np.testing.assert_allclose(r.scores, -np.sort(-sim, axis=1)[:, :3])
+    np.testing.assert_allclose(np.take_along_axis(sim, r.indices, 1), r.scores)
+    t = model.retrieve(d["images"], d["prompts"], top=30, direction="text_to_image")
+    assert t.indices.shape == (12, 23)  # top is capped by the candidates there are
+    np.testing.assert_allclose(t.scores, -np.sort(-sim.T, axis=1))
+    with pytest.raises(ac.ASIFInputError, match="direction"):
+        model.retrieve(d["images"], d["prompts"], direction="sideways")
+
+
+@pytest.mark.parametrize("block", [0, -5, 2.5, True])
+def test_block_size_must_be_a_positive_integer(block):
+    with pytest.raises(ac.ASIFInputError, match="block_size"):
+        ac.relative_representation(rand((2, 3), 0), rand((5, 3), 1), 2, block_size=block)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_unknown_device_is_one_clear_error(device):
+    with pytest.raises(ac.ASIFInputError, match="device"):
+        ac.pick_device(device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from asif_core import ASIFInputError
+from asif.errors import ASIFInputError
 
 
 class UsageError(Exception):
@@ -44,34 +44,38 @@ def cmd_sweep(args) -> int:
     import time
     import numpy as np
     import asif_core as ac
-    from asif_core import atomic_write_json
+    from asif.metrics import zero_shot_result
+    from asif.storage import atomic_write_json
     ai = _load_npy(args.anchor_images, "--anchor-images")
     at = _load_npy(args.anchor_texts, "--anchor-texts")
     x = _load_npy(args.images, "--images")
     y = np.asarray(_load_npy(args.labels, "--labels"))
     p = _load_npy(args.prompts, "--prompts")
     start = time.perf_counter()
-    rows = ac.sweep(ai, at, x, y, p, args.n_classes, n_anchors=args.n_anchors, exponents=args.exponents,
+    rows = ac.sweep(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
                     non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
                     block_size=args.block_size, progress=not args.quiet)
     wall = time.perf_counter() - start
     _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
     print(f"{len(rows)} points in {wall:.2f} s")
     if args.out:
-        params = {"non_zeros": args.non_zeros, "exponents": args.exponents, "n_anchors": sorted({r["n_anchors"] for r in rows}),
+        params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
+                  "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
-        atomic_write_json(args.out, ac.zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params, wall_time=wall))
+        atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
+                                                     wall_time=wall))
     return 0
 
 
 def cmd_similarity(args) -> int:
     import asif_core as ac
+    from asif.storage import atomic_save_npy
     model = ac.ASIF(_load_npy(args.anchor_images, "--anchor-images"), _load_npy(args.anchor_texts, "--anchor-texts"),
                     non_zeros=args.non_zeros, exponent=args.exponent, device=args.device, dtype=args.dtype,
                     block_size=args.block_size)
     s = model.similarity(_load_npy(args.images, "--images"), _load_npy(args.texts, "--texts"))
-    ac.atomic_save_npy(args.out, s.astype("float32"))
+    atomic_save_npy(args.out, s.astype("float32"))
     print(f"wrote {args.out}: similarity {s.shape[0]} images x {s.shape[1]} texts")
     return 0
 
@@ -93,7 +97,8 @@ def _add_core_commands(sub) -> None:
     p.add_argument("--prompts", required=True, metavar="P.npy", help="prompt embeddings [C*T, d2], class-major (T consecutive rows per class)")
     p.add_argument("--n-classes", type=int, required=True, help="C")
     p.add_argument("--exponents", type=float, nargs="+", default=[8.0], help="p values (paper: 8)")
-    p.add_argument("--n-anchors", type=int, nargs="+", default=None, help="anchor counts, each evaluated on the first n anchors (default: all)")
+    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=int, nargs="+", default=None,
+                   help="anchor counts, each evaluated on the first n anchors (default: all)")
     p.add_argument("--reduce", choices=["max", "mean"], default="max", help="class score: best template (paper) or prompt ensemble")
     p.add_argument("--dataset", default="custom", help="dataset name for the JSON")
     p.add_argument("--model", default="asif", help="model name for the JSON")
@@ -115,11 +120,11 @@ def _add_core_commands(sub) -> None:
 # ---------------------------------------------------------------------------
 
 def _add_encoder_commands(sub) -> None:
-    """``asif encoders``, ``asif embed-images``, ``asif embed-texts`` (asif_encoders)."""
+    """``asif encoders``, ``asif embed-images``, ``asif embed-texts`` (asif.encoders)."""
 
     def cmd_encoders(args) -> int:
-        import asif_encoders
-        rows = asif_encoders.list_encoders()
+        from asif.encoders import list_encoders
+        rows = list_encoders()
         w = max(len(r["name"]) for r in rows)
         print(f"{'name':<{w}}  modality  offline   dim  description")
         for r in rows:
@@ -130,7 +135,7 @@ def _add_encoder_commands(sub) -> None:
         return 0
 
     def _done(out, x, quiet) -> int:
-        from asif_core import atomic_save_npy
+        from asif.storage import atomic_save_npy
         # written only after every input was encoded, atomically: a failure
         # leaves nothing (or the previous file) at --out
         atomic_save_npy(out, x)
@@ -140,18 +145,18 @@ def _add_encoder_commands(sub) -> None:
 
     def cmd_embed_images(args) -> int:
         import os
-        import asif_encoders
+        from asif.encoders import load_image_encoder
         # missing files are reported before the model is loaded (seconds saved);
         # unreadable ones are found while decoding (ImageLoadError, status 2)
         missing = [f for f in args.files if not os.path.isfile(f)]
         if missing:
             raise ASIFInputError(f"no such image file: {missing[0]}"
                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        enc = asif_encoders.load_image_encoder(args.encoder, device=args.device, backend=args.backend)
+        enc = load_image_encoder(args.encoder, device=args.device, backend=args.backend)
         return _done(args.out, enc.encode(args.files, batch_size=args.batch_size, progress=not args.quiet), args.quiet)
 
     def cmd_embed_texts(args) -> int:
-        import asif_encoders
+        from asif.encoders import load_text_encoder
         texts = list(args.texts)
         if args.from_file:
             with open(args.from_file, encoding="utf-8") as f:
@@ -165,7 +170,7 @@ def _add_encoder_commands(sub) -> None:
             texts += lines
         if not texts:
             raise ASIFInputError("no texts: give them as arguments or with --from-file PATH")
-        enc = asif_encoders.load_text_encoder(args.encoder, device=args.device)
+        enc = load_text_encoder(args.encoder, device=args.device)
         return _done(args.out, enc.encode(texts, batch_size=args.batch_size, progress=not args.quiet), args.quiet)
 
     p = sub.add_parser("encoders", help="list the image, text and CLIP encoders (offline ones marked)")
@@ -198,16 +203,16 @@ def _add_encoder_commands(sub) -> None:
 # ---------------------------------------------------------------------------
 
 def _add_data_commands(sub) -> None:
-    # asif_data is imported inside the commands: `asif --help` stays fast.
+    # the data modules are imported inside the commands: `asif --help` stays fast.
     def cmd_fetch(args) -> int:
-        import asif_data
-        folder = asif_data.fetch(args.name, registry=args.registry, root=args.cache, progress=not args.quiet)
+        from asif import registry
+        folder = registry.fetch(args.name, registry=args.registry, root=args.cache, progress=not args.quiet)
         print(folder)
         return 0
 
     def cmd_publish(args) -> int:
-        import asif_data
-        entry = asif_data.publish(args.folder, name=args.name, url=args.url, gdrive_id=args.gdrive_id,
+        from asif import registry
+        entry = registry.publish(args.folder, name=args.name, url=args.url, gdrive_id=args.gdrive_id,
                                   registry=args.registry, out=args.out)
         print(f"archive  {entry['archive']}\nsha256   {entry['sha256']}\nsize     {entry['size']}\n"
               f"registry {entry['registry']}")
@@ -239,45 +244,36 @@ def _add_data_commands(sub) -> None:
 
 def cmd_data_build(args) -> int:
     import time
-    import asif_data
+    from asif.config import cache_root
+    from asif.pipeline import build_default
     start = time.perf_counter()
-    report = asif_data.build_default(progress=not args.quiet, limit=args.limit)
+    report = build_default(progress=not args.quiet, limit=args.limit)
     for what, (rows, seconds) in report.items():
         print(f"{what:32s} {rows:>7} rows  {seconds:8.1f} s")
-    print(f"built in {time.perf_counter() - start:.1f} s; cache {asif_data.cache_root()}")
+    print(f"built in {time.perf_counter() - start:.1f} s; cache {cache_root()}")
     return 0
 
 
 def cmd_eval(args) -> int:
     import time
-    import asif_data
-    import asif_ui
-    import asif_encoders
+    from asif import pipeline
     start = time.perf_counter()
-    image_encoder = asif_encoders.load_image_encoder(args.image_encoder, device=args.device)
-    text_encoder = asif_encoders.load_text_encoder(args.text_encoder, device=args.device)
-    evals = asif_data.load_eval_embeddings(args.dataset, image_encoder, text_encoder, split=args.split,
-                                           limit=args.limit, progress=not args.quiet)
-    anchors = asif_data.load_anchor_embeddings(args.anchors, image_encoder, text_encoder,
-                                               limit=args.anchor_limit, progress=not args.quiet)
-    counts = args.n_anchors or asif_ui.anchor_counts(len(anchors))
-    if max(counts) > len(anchors):
-        raise UsageError(f"--n-anchors: the anchor set {args.anchors} has {len(anchors)} pairs, asked for {max(counts)}")
-    rows = asif_ui.zero_shot_curve(evals, anchors, args.exponents, args.non_zeros, args.reduce, counts,
-                                   args.device, progress=not args.quiet)
+    choice = pipeline.Choice(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
+                             dataset=args.dataset, anchor_set=args.anchors)
+    prepared = pipeline.prepare(choice, progress=not args.quiet, limit=args.limit, anchor_limit=args.anchor_limit,
+                                split=args.split, device=args.device)
+    run = pipeline.run_zero_shot(prepared, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
+                                 anchor_counts=args.anchor_counts, device=args.device, progress=not args.quiet)
     wall = time.perf_counter() - start
-    _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
-    chance = 1 / len(evals.classnames)
-    print(f"chance {chance:.4f}; {len(evals.labels)} test images, {len(anchors)} anchors; {wall:.1f} s end to end")
-    model = f"asif:{args.image_encoder}+{args.text_encoder}@{args.anchors}"
-    params = {"non_zeros": args.non_zeros, "exponents": args.exponents, "n_anchors": counts, "reduce": args.reduce,
-              "image_encoder": args.image_encoder, "text_encoder": args.text_encoder, "anchor_set": args.anchors,
-              "split": args.split, "n_test": int(len(evals.labels)), "chance": chance,
-              "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped)}
+    _print_table(run.rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
+    print(f"chance {run.chance:.4f}; {len(prepared.evals.labels)} test images, {len(prepared.anchors)} anchors; "
+          f"{wall:.1f} s end to end")
     if args.out:
-        asif_ui.save_zero_shot(rows, args.out, dataset=args.dataset, model=model, params=params, wall_time=wall)
+        run.result["wall_time_s"] = round(wall, 3)
+        run.save(args.out)
     if args.plot:
-        fig = asif_ui.plot_accuracy_vs_anchors(rows, chance, title=f"{args.dataset}, anchors {args.anchors}")
+        from asif.widgets import plot_accuracy_vs_anchors
+        fig = plot_accuracy_vs_anchors(run.rows, run.chance, title=f"{args.dataset}, anchors {args.anchors}")
         fig.savefig(args.plot, dpi=120)
     return 0
 
@@ -292,7 +288,10 @@ def cmd_notebooks(args) -> int:
     from pathlib import Path
     import nbformat
     from nbclient import NotebookClient
-    here = Path(__file__).resolve().parent / "notebooks"
+    from asif.config import PROJECT_ROOT
+    here = PROJECT_ROOT / "notebooks"
+    if not here.is_dir():
+        raise UsageError(f"no notebooks folder at {here}; `asif notebooks` runs them from a checkout of the project")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -324,7 +323,8 @@ def cmd_report(args) -> int:
     import shutil
     from pathlib import Path
     import asif_core as ac
-    import asif_ui
+    from asif.metrics import results_table
+    from asif.pipeline import rows_from_result
     build, readme = Path(args.build), Path(args.readme)
     results = sorted(build.glob("zero_shot_*.json"))
     if not results:
@@ -335,7 +335,7 @@ def cmd_report(args) -> int:
     for path in results:
         res = json.loads(path.read_text())
         p = res["params"]
-        rows = [dict(n_anchors=r["n_anchors"], exponent=r["exponent"], **r["metrics"]) for r in res["results"]]
+        rows = rows_from_result(res)
         chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
         parts += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
                   f"{p.get('image_encoder')} + {p.get('text_encoder')}, k = {p.get('non_zeros')}, "
@@ -345,7 +345,7 @@ def cmd_report(args) -> int:
         if fig.exists():
             shutil.copyfile(fig, figures / fig.name)
             parts += [f"![accuracy against anchors]({figures.relative_to(readme.parent).as_posix()}/{fig.name})", ""]
-        parts += [asif_ui.results_table(rows), ""]
+        parts += [results_table(rows), ""]
     if args.seconds is not None:
         built = "" if args.build_seconds is None else \
             f", of which {args.build_seconds / 60:.1f} min building or checking the embeddings"
@@ -380,7 +380,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--text-encoder", default="all-MiniLM-L6-v2")
     p.add_argument("--non-zeros", type=int, default=800)
     p.add_argument("--exponents", type=float, nargs="+", default=[8.0])
-    p.add_argument("--n-anchors", type=int, nargs="+", default=None, help="default: powers of two up to all anchors")
+    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=int, nargs="+", default=None,
+                   help="default: powers of two up to all anchors")
     p.add_argument("--reduce", choices=["max", "mean"], default="max")
     p.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     p.add_argument("--anchor-limit", type=int, default=None, help="anchor pairs (default: all)")

@@ -33,13 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 import asif_core
-from asif_core import ASIFInputError
+from asif.config import progress_bar
+from asif.errors import ASIFInputError
+from asif.images import load_image
 
 __all__ = [
-    "ImageLoadError", "open_image", "ImageEncoder", "TextEncoder", "ClipBaseline",
+    "DEFAULT_IMAGE_ENCODER", "DEFAULT_TEXT_ENCODER", "ImageEncoder", "TextEncoder", "ClipBaseline",
     "list_encoders", "load_image_encoder", "load_text_encoder", "load_clip",
 ]
 
@@ -70,61 +72,14 @@ _NO_NETWORK = ("no network or the hub is unreachable? Use an offline encoder ({o
                "or download the weights once while online (they are then cached).")
 
 
-class ImageLoadError(ASIFInputError):
-    """An image file that cannot be read; ``path`` names it."""
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        super().__init__(f"cannot read image {self.path}: {reason}")
-
-
-def open_image(image) -> Image.Image:
-    """A path, PIL image or ``[H, W, 3|4]`` / ``[H, W]`` uint8 array -> RGB PIL image.
-
-    Files are decoded fully here (PIL is lazy), so a truncated or corrupt file
-    fails now with ``ImageLoadError`` instead of deep inside a batch. EXIF
-    orientation is applied: a phone photo is embedded the way it is seen.
-    """
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ASIFInputError(f"image array must be uint8 [H, W] or [H, W, C], got {image.dtype} {image.shape}")
-        return Image.fromarray(image).convert("RGB")
-    if not isinstance(image, (str, os.PathLike)):
-        raise ASIFInputError(f"an image must be a file path, a PIL image or a uint8 array, got {type(image).__name__}")
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageLoadError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageLoadError(path, "it is a directory") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(path, "not an image format PIL can identify (corrupt or not an image)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, f"too large to decode safely ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated data, bad headers, decoder errors
-        raise ImageLoadError(path, f"corrupt or truncated ({e})") from None
-
-
 def _resolve_dtype(device: torch.device, dtype) -> torch.dtype:
     # Half precision on a GPU (the encoders are frozen, BatchNorm/LayerNorm in
     # eval mode are stable in fp16); float32 on a CPU, where fp16 is slow.
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                     "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16}[dtype]
-        except KeyError:
-            raise ASIFInputError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}") from None
+    dtype = asif_core.parse_dtype(dtype)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ASIFInputError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise ASIFInputError(f"dtype must be float32, float16 or bfloat16 for an encoder, got {dtype}")
     return dtype
 
 
@@ -142,11 +97,6 @@ def _l2_normalise(x: torch.Tensor) -> np.ndarray:
     """``x: [n, dim]`` any dtype -> float32 numpy with unit-norm rows."""
     x = x.float()
     return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32, copy=False)
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="item")
 
 
 def _package_version(dist: str) -> str | None:
@@ -210,7 +160,7 @@ class ImageEncoder:
 
     def _pixels(self, image):
         """One image -> uint8 ``[H, W, 3]`` resized and cropped (or float ``[3, H, W]`` on the slow path)."""
-        im = open_image(image)
+        im = load_image(image)
         if not self._fast:
             return self._slow(im)
         size = self.data_config["input_size"][-1]
@@ -272,13 +222,13 @@ class ImageEncoder:
     def encode(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """``images``: sequence of PIL images / paths / arrays -> float32 ``[n, dim]``, unit-norm rows.
 
-        Raises ``ImageLoadError`` naming the first file that cannot be read.
+        Raises ``ImageLoadError`` naming the first file that cannot be read (asif.images).
         """
         images = _check_nonempty(images, "images")
         if batch_size < 1:
             raise ASIFInputError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        with _progress(len(images), progress and len(images) > batch_size, f"embed images ({self.name})") as bar:
+        with progress_bar(len(images), f"embed images ({self.name})", progress and len(images) > batch_size) as bar:
             n = 0
             for x in self._batches(images, batch_size):
                 out[n:n + len(x)] = _l2_normalise(self._forward(x))
@@ -572,7 +522,7 @@ class ClipBaseline:
         items = _check_nonempty(items, what)
         out = []
         with torch.inference_mode(), \
-                _progress(len(items), progress and len(items) > batch_size, f"embed {what} ({self.name})") as bar:
+                progress_bar(len(items), f"embed {what} ({self.name})", progress and len(items) > batch_size) as bar:
             for s in range(0, len(items), batch_size):
                 batch = items[s:s + batch_size]
                 out.append(_l2_normalise(embed(batch)))
@@ -582,7 +532,7 @@ class ClipBaseline:
     def encode_image(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """Images (PIL / paths / arrays) -> float32 ``[n, dim]`` in CLIP space, unit-norm."""
         return self._in_batches(images, batch_size, progress, "images", lambda batch: self.model.encode_image(
-            torch.stack([self.preprocess(open_image(im)) for im in batch]).to(self.device, self.dtype)))
+            torch.stack([self.preprocess(load_image(im)) for im in batch]).to(self.device, self.dtype)))
 
     def encode_text(self, texts, batch_size: int = 256, progress: bool = True) -> np.ndarray:
         """Strings -> float32 ``[n, dim]`` in CLIP space, unit-norm."""

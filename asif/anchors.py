@@ -1,0 +1,374 @@
+"""Coupled anchor sources: (image, caption) pairs, dispatched on the name.
+
+  clipart               Openclipart drawings (Debian ``openclipart-svg``), captioned from their
+                        Dublin Core title, description and keywords
+  tuxpaint              TuxPaint stamps (Debian ``tuxpaint-stamps-default``), one-sentence captions
+                        in many languages
+  fashion-mnist-train   the Fashion-MNIST training images captioned from their labels (in-domain)
+  captions:FILE         a CSV (with a header) or JSONL of image path + caption
+  webdataset:PATTERN    tar shards of KEY.jpg|png|webp + KEY.txt, ``{00000..00009}`` ranges
+
+Names combine with ``+``; an ``AnchorSet`` is all their pairs in one seeded
+order, so "the first n anchors" of the paper's Fig. 5 is a random sample of
+every part. Each source keeps ids that change when an item does (the cache
+keys on them) and lists what it skipped while listing, with the reason.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from asif.config import smoke_limit
+from asif.datasets import fashion_mnist, file_id
+from asif.errors import DataError, MissingDataError
+from asif.images import LazyImages, load_image, render_svg
+from asif.storage import sha256_file, sha256_text
+
+__all__ = ["ANCHOR_SETS", "CoupledData", "AnchorSet", "load_anchor_set", "svg_caption", "read_tuxpaint_text",
+           "OPENCLIPART_DIR", "TUXPAINT_DIR"]
+
+
+@dataclass
+class CoupledData:
+    """One source of (image, caption) pairs in a stable listing order.
+
+    ``images``: Sequence of N (PIL, path, or raises when unreadable);
+    ``captions``: N strings; ``ids``: N strings that change when an item does;
+    ``identity``: JSON-able, part of cache keys; ``translations``: per item
+    {language: caption} where the source has them; ``skipped``: items left out
+    while listing, with the reason.
+    """
+    name: str
+    images: Sequence
+    captions: list[str]
+    ids: list[str]
+    identity: dict
+    translations: list[dict] | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.captions)
+
+
+class AnchorSet:
+    """Coupled (image, caption) pairs in a fixed seeded order: the anchors.
+
+    Built from one or more ``CoupledData`` parts (``clipart+tuxpaint``); the
+    order is a seeded permutation of all their items, so "the first n anchors"
+    of the paper's Fig. 5 is a random sample of every part. ``order``: int64
+    [N, 2] rows of (part, item within part).
+    """
+
+    def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray):
+        self.name, self.parts, self.order = name, parts, np.asarray(order, dtype=np.int64).reshape(-1, 2)
+
+    def __len__(self):
+        return len(self.order)
+
+    @property
+    def captions(self) -> list[str]:
+        """N captions in anchor order."""
+        return [self.parts[p].captions[j] for p, j in self.order]
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.parts[p].ids[j] for p, j in self.order]
+
+    @property
+    def images(self) -> LazyImages:
+        """N images in anchor order, loaded on access."""
+        return LazyImages(len(self), lambda i: self.image(i))
+
+    def image(self, i: int):
+        """Anchor ``i`` as an RGB PIL image (raises ``DataError`` if unreadable)."""
+        p, j = self.order[i]
+        return load_image(self.parts[p].images[j])
+
+    def thumbnail(self, i: int, size: int = 96):
+        """Anchor ``i`` as a small RGB PIL image, for explanation galleries."""
+        im = self.image(i).copy()
+        im.thumbnail((size, size))
+        return im
+
+    def translations(self, i: int) -> dict:
+        """{language: caption} of anchor ``i`` where its source has them (TuxPaint), else {}."""
+        p, j = self.order[i]
+        t = self.parts[p].translations
+        return dict(t[j]) if t else {}
+
+    def head(self, n: int | None) -> "AnchorSet":
+        """The first ``n`` anchors of the order (all when None)."""
+        if n is None or n >= len(self):
+            return self
+        return AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n])
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [s for part in self.parts for s in part.skipped]
+
+
+# --- clip-art (openclipart-svg) ------------------------------------------------
+
+OPENCLIPART_DIR = Path("/usr/share/openclipart/svg")
+_DC = {name: re.compile(rf"<dc:{name}[^>]*>(.*?)</dc:{name}>", re.S) for name in ("title", "description", "subject")}
+_LI = re.compile(r"<rdf:li[^>]*>(.*?)</rdf:li>", re.S)
+_TAG = re.compile(r"<[^>]+>")
+_BOILERPLATE = re.compile(r"^part of the .*collection|collection by ", re.I)
+
+
+def _clean(text: str) -> str:
+    import html
+    return re.sub(r"\s+", " ", html.unescape(_TAG.sub(" ", text))).strip()
+
+
+def svg_caption(path: str | os.PathLike) -> str:
+    """Caption of an Open Clip Art SVG from its Dublin Core metadata:
+    "title. description. keywords" (parts that are empty or repeat the title
+    are dropped); the file name when there is no metadata."""
+    with open(path, "rb") as f:
+        head = f.read(256 * 1024).decode("utf-8", errors="replace")
+    work = head.split("<cc:Agent", 1)[0]  # creator/publisher agents also carry dc:title
+    title = _clean(m.group(1)) if (m := _DC["title"].search(work)) else ""
+    desc = _clean(m.group(1)) if (m := _DC["description"].search(work)) else ""
+    subject = _DC["subject"].search(head)
+    keywords = []
+    for k in (_LI.findall(subject.group(1)) if subject else []):
+        k = _clean(k)
+        if k and k.lower() != title.lower() and k.lower() not in (x.lower() for x in keywords):
+            keywords.append(k)
+    if not title or _BOILERPLATE.search(title):  # e.g. 885 icons titled "Part of the Flat Icon Collection (date)"
+        title = re.sub(r"[_-]+", " ", Path(path).stem).strip()
+    parts = [title]
+    if desc and desc.lower() != title.lower():
+        parts.append(desc)
+    if keywords:
+        parts.append(", ".join(keywords))
+    return ". ".join(p.rstrip(".") for p in parts) + "."
+
+
+def _clipart(root: Path | None = None, size: int = 224) -> CoupledData:
+    root = Path(root or os.environ.get("ASIF_OPENCLIPART_DIR") or OPENCLIPART_DIR)
+    if not root.is_dir():
+        raise MissingDataError(f"clipart needs the Debian package openclipart-svg ({root} is missing). "
+                               "Install it: apt-get install openclipart-svg")
+    # The package links many drawings into several category folders: keep each real file once.
+    files = sorted(p for p in root.rglob("*.svg") if not p.is_symlink() and p.is_file())
+    captions, skipped = [], []
+    keep = []
+    for p in files:
+        try:
+            captions.append(svg_caption(p))
+            keep.append(p)
+        except OSError as e:
+            skipped.append({"id": p.relative_to(root).as_posix(), "reason": f"unreadable: {e}"})
+    ids = [file_id(p, root) for p in keep]
+    images = LazyImages(len(keep), lambda i: render_svg(keep[i], size))
+    identity = {"anchors": "clipart", "render": {"size": size, "background": "white", "renderer": "cairosvg"},
+                "files_sha256": sha256_text("\n".join(ids))}
+    return CoupledData("clipart", images, captions, ids, identity, skipped=skipped)
+
+
+# --- TuxPaint stamps -------------------------------------------------------------
+
+TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
+
+
+def read_tuxpaint_text(path: str | os.PathLike) -> tuple[str, dict]:
+    """A TuxPaint stamp description: (English caption = first line, {language: caption})."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    english = lines[0].strip() if lines else ""
+    others = {}
+    for line in lines[1:]:
+        key, sep, text = line.partition("=")
+        if sep and key.strip():
+            others[key.strip().removesuffix(".utf8")] = text.strip()
+    return english, others
+
+
+def _tuxpaint(root: Path | None = None, size: int = 224) -> CoupledData:
+    root = Path(root or os.environ.get("ASIF_TUXPAINT_DIR") or TUXPAINT_DIR)
+    if not root.is_dir():
+        raise MissingDataError(f"tuxpaint needs the Debian package tuxpaint-stamps-default ({root} is missing). "
+                               "Install it: apt-get install tuxpaint-stamps-default")
+    images, captions, ids, translations, skipped = [], [], [], [], []
+    stems = sorted({p.with_suffix("") for p in root.rglob("*") if p.suffix in (".png", ".svg")})
+    for stem in stems:
+        png, svg, txt = stem.with_suffix(".png"), stem.with_suffix(".svg"), stem.with_suffix(".txt")
+        image = png if png.exists() else svg  # a PNG beside an SVG is the same stamp; PNG needs no rendering
+        rel = image.relative_to(root).as_posix()
+        if not txt.exists():  # mirrored variants and a few others have no description
+            skipped.append({"id": rel, "reason": "no .txt description"})
+            continue
+        english, others = read_tuxpaint_text(txt)
+        if not english:
+            skipped.append({"id": rel, "reason": "empty description"})
+            continue
+        images.append(image)
+        captions.append(english)
+        translations.append(others)
+        ids.append(file_id(image, root) + "|" + file_id(txt, root))
+    lazy = LazyImages(len(images), lambda i: render_svg(images[i], size) if images[i].suffix == ".svg" else images[i])
+    identity = {"anchors": "tuxpaint", "render": {"size": size, "background": "white"},
+                "files_sha256": sha256_text("\n".join(ids))}
+    return CoupledData("tuxpaint", lazy, captions, ids, identity, translations, skipped)
+
+
+# --- Fashion-MNIST training split (in-domain) ------------------------------------
+
+# How each class reads in a sentence; captions are written from the label only,
+# so these anchors are in-domain coupled data, unlike the paper's web captions.
+_FASHION_PHRASES = ["a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal",
+                    "a shirt", "a sneaker", "a bag", "an ankle boot"]
+_FASHION_CAPTIONS = ["{x}.", "a photo of {x}.", "a black and white picture of {x}.",
+                     "{x} on a plain background.", "a small grayscale image of {x}, an item of fashion."]
+
+
+def _fashion_mnist_train(seed: int = 0) -> CoupledData:
+    ds = fashion_mnist("train")
+    rng = np.random.default_rng(seed)
+    forms = rng.integers(len(_FASHION_CAPTIONS), size=len(ds))
+    captions = [_FASHION_CAPTIONS[f].replace("{x}", _FASHION_PHRASES[y]) for f, y in zip(forms, ds.labels)]
+    captions = [c[0].upper() + c[1:] for c in captions]
+    # The image side is the evaluation train split itself: same name, identity and
+    # ids, so its 60k image embeddings are cached once for both uses (the text
+    # side's cache key includes the caption texts).
+    return CoupledData("fashion-mnist-train", ds.images, captions, ds.ids, ds.identity)
+
+
+# --- user data: captions files and webdataset shards -------------------------------
+
+_IMAGE_KEYS = ("image", "image_path", "path", "file", "filepath", "filename", "img")
+_CAPTION_KEYS = ("caption", "text", "title", "txt")
+
+
+def _pick(row: dict, keys: Sequence[str], what: str, source: str) -> str:
+    lowered = {k.lower().strip(): v for k, v in row.items() if k}
+    for k in keys:
+        if k in lowered:
+            return lowered[k]
+    raise DataError(f"{source}: no {what} column; name it one of {', '.join(keys)} (found {', '.join(row)})")
+
+
+def _captions_file(path: str) -> CoupledData:
+    """CSV (with a header) or JSONL of image path + caption; relative paths are from the file's folder."""
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"captions:{path}: file not found")
+    if file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"captions:{path}: line {n} is not JSON ({e})")
+    else:
+        with open(file, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataError(f"captions:{path}: no rows")
+    paths, captions = [], []
+    for row in rows:
+        image = Path(_pick(row, _IMAGE_KEYS, "image path", f"captions:{path}")).expanduser()
+        paths.append(image if image.is_absolute() else file.parent / image)
+        captions.append(str(_pick(row, _CAPTION_KEYS, "caption", f"captions:{path}")).strip())
+    # A missing image stays in the list: the cache records it as failed and drops the pair.
+    ids = [(file_id(p) if p.exists() else f"{p.as_posix()}:missing") for p in paths]
+    identity = {"anchors": "captions", "file": file.name, "file_sha256": sha256_file(file),
+                "files_sha256": sha256_text("\n".join(ids))}
+    return CoupledData(f"captions:{file.name}", paths, captions, ids, identity)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """img2dataset-style shard patterns: ``{00000..00009}`` ranges and ``{a,b}`` lists, then globs."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    body = m.group(1)
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    options = ([str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+               if r else body.split(","))
+    out = []
+    for o in options:
+        out += _expand_braces(pattern[:m.start()] + o + pattern[m.end():])
+    return out
+
+
+def _webdataset(pattern: str) -> CoupledData:
+    """Tar shards of ``KEY.jpg|png|webp`` + ``KEY.txt`` (as img2dataset writes them).
+    The tars are indexed once; images are read lazily by offset."""
+    shards = [Path(p) for p in _expand_braces(os.path.expanduser(pattern))]
+    missing = [str(p) for p in shards if not p.exists()]
+    if not shards or missing:
+        raise DataError(f"webdataset:{pattern}: no such shard(s) {missing[:3] or pattern}")
+    refs, captions, ids, skipped = [], [], [], []
+    for shard in shards:
+        with tarfile.open(shard, "r:") as tar:  # uncompressed tar: members can be read by offset
+            groups: dict[str, dict] = {}
+            for m in tar:
+                if m.isfile():
+                    key, _, ext = m.name.rpartition(".")
+                    groups.setdefault(key, {})[ext.lower()] = m
+            for key in sorted(groups):
+                g = groups[key]
+                img = next((g[e] for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
+                if img is None or "txt" not in g:
+                    skipped.append({"id": f"{shard.name}/{key}", "reason": "needs an image and a .txt"})
+                    continue
+                text = tar.extractfile(g["txt"]).read().decode("utf-8", errors="replace").strip()
+                refs.append((shard, img.offset_data, img.size))
+                captions.append(text)
+                ids.append(f"{shard.name}/{key}:{img.size}:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
+
+    def read(i):
+        shard, offset, size = refs[i]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    identity = {"anchors": "webdataset", "shards": [p.name for p in shards],
+                "shards_sha256": [sha256_file(p) for p in shards]}
+    return CoupledData(f"webdataset:{pattern}", LazyImages(len(refs), read), captions, ids, identity, skipped=skipped)
+
+
+ANCHOR_SETS = ("clipart", "tuxpaint", "fashion-mnist-train", "captions:FILE", "webdataset:PATTERN")
+
+
+def _anchor_part(name: str) -> CoupledData:
+    kind, _, arg = name.partition(":")
+    if kind == "clipart":
+        return _clipart(arg or None)
+    if kind == "tuxpaint":
+        return _tuxpaint(arg or None)
+    if kind == "fashion-mnist-train":
+        return _fashion_mnist_train()
+    if kind == "captions" and arg:
+        return _captions_file(arg)
+    if kind == "webdataset" and arg:
+        return _webdataset(arg)
+    raise DataError(f"unknown anchor set {name!r}; known: {', '.join(ANCHOR_SETS)}, combined with '+'")
+
+
+def load_anchor_set(name: str, limit: int | None = None, seed: int = 0) -> AnchorSet:
+    """Coupled anchors by name; ``a+b`` combines sets. The order is a seeded
+    permutation of all pairs (same seed, same order, on any machine);
+    ``limit`` keeps the first ``limit`` of that order (``ASIF_SMOKE=1``: a few hundred)."""
+    limit = smoke_limit(limit)
+    parts = [_anchor_part(n.strip()) for n in name.split("+") if n.strip()]
+    if not parts:
+        raise DataError("empty anchor set name")
+    pairs = np.concatenate([np.stack([np.full(len(p), i), np.arange(len(p))], 1) for i, p in enumerate(parts)])
+    if len(pairs) == 0:
+        raise DataError(f"anchor set {name!r} has no pairs")
+    order = pairs[np.random.default_rng(seed).permutation(len(pairs))]
+    return AnchorSet(name, parts, order).head(limit)

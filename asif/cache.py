@@ -1,0 +1,328 @@
+"""The embed-once cache: every image and caption is encoded once per encoder, then read back.
+
+A cached set is an embedding-set folder (asif.storage) under
+``<cache>/embeddings/<name>/<kind>-<encoder>-<key>``, where the key is a
+sha256 over everything that decides the vectors: the encoder's identity
+(model, weights and their version, preprocessing), the modality, the data's
+identity and item ids and, for text, the texts. A change in any of them
+never serves old vectors. Shards of ``shard_rows`` rows are written
+atomically as they finish, with a record in ``.progress/``: a run that is
+killed resumes from the shards already complete. On a hit, a shard whose
+bytes no longer match its sha256 is recomputed (shards unchanged in size
+and mtime since they were last hashed are trusted; see
+``storage.VerifiedShards``).
+
+Also here, what the method consumes: aligned anchor embeddings
+(``load_anchor_embeddings``) and evaluation embeddings with class-major
+prompt embeddings (``load_eval_embeddings``).
+
+Shapes: ``N`` anchors, ``Q`` test images, ``d1``/``d2`` image/text dims,
+``C`` classes, ``T`` templates per class.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from asif import storage
+from asif.anchors import AnchorSet, CoupledData, load_anchor_set
+from asif.config import cache_root, progress_bar, smoke_limit
+from asif.datasets import EvalDataset, load_dataset
+from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from asif.errors import DataError
+from asif.images import load_image, subset_images
+from asif.storage import EmbeddingSet, sha256_text
+
+__all__ = ["cache_key", "embed_cached", "AnchorEmbeddings", "EvalEmbeddings", "load_anchor_embeddings",
+           "load_eval_embeddings"]
+
+CACHE_FORMAT = "asif-cache/1"
+
+
+def _encoder_identity(encoder) -> dict:
+    ident = getattr(encoder, "identity", None)
+    if not isinstance(ident, dict):
+        raise DataError(f"encoder {getattr(encoder, 'name', encoder)!r} has no .identity dict "
+                        "(encoder, weights version, preprocessing); the cache cannot key on it")
+    return ident
+
+
+def cache_key(encoder, kind: str, dataset: dict, ids: Sequence[str], texts: Sequence[str] | None = None) -> str:
+    """sha256 over everything that decides the vectors: the encoder's identity
+    (model, weights, preprocessing), the modality, the dataset identity, the
+    item ids in order and, for text, the texts themselves."""
+    payload = {"format": CACHE_FORMAT, "kind": kind, "encoder": _encoder_identity(encoder),
+               "dataset": dataset, "ids": sha256_text("\n".join(ids))}
+    if texts is not None:
+        payload["texts"] = sha256_text(json.dumps(list(texts), ensure_ascii=False))
+    return sha256_text(json.dumps(payload, sort_keys=True, default=str))
+
+
+def _encode_rows(encoder, kind: str, items: Sequence, rows: range, batch_size: int,
+                 ids: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
+    """Embed ``items[rows]`` -> (float32 [len(rows), dim], failed).
+
+    An image that cannot be loaded leaves a zero row and an entry in
+    ``failed``: the rows of the others stay where they are, so image i still
+    pairs with caption i.
+    """
+    out = np.zeros((len(rows), encoder.dim), dtype=np.float32)
+    failed, good, payload, inverse = [], [], [], None
+    if kind == "text":
+        # Captions made from labels repeat a few sentences thousands of times:
+        # each distinct text is embedded once and copied to every row holding it.
+        first: dict[str, int] = {}
+        inverse = np.array([first.setdefault(str(items[r]), len(first)) for r in rows], dtype=np.int64)
+        good, payload = list(range(len(rows))), list(first)
+    else:
+        def attempt(r):
+            try:
+                return load_image(items[r], name=ids[r]), None
+            except Exception as e:  # any decoder/renderer error: record it, never die on one image
+                return None, f"{type(e).__name__}: {e}"
+        # Decoding and SVG rendering release the GIL for most of their time:
+        # a few threads keep them from serialising in front of the encoder.
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
+                if error is None:
+                    payload.append(image)
+                    good.append(k)
+                else:
+                    failed.append({"row": int(r), "id": ids[r], "error": error})
+    if payload:
+        vectors = np.asarray(encoder.encode(payload, batch_size=batch_size, progress=False), dtype=np.float32)
+        if vectors.shape != (len(payload), encoder.dim):
+            raise DataError(f"encoder {encoder.name} returned shape {vectors.shape} for {len(payload)} inputs; "
+                            f"expected {(len(payload), encoder.dim)}")
+        out[good] = vectors if inverse is None else vectors[inverse]
+    return out, failed
+
+
+def _record_path(folder: Path, i: int) -> Path:
+    return folder / ".progress" / f"{i:05d}.json"
+
+
+def _write_shard(folder: Path, i: int, block: np.ndarray, failed: list[dict]) -> dict:
+    """Shard i and its progress record (written after it: a record means a complete shard)."""
+    record = {"rows": len(block), "sha256": storage.atomic_save_npy(folder / storage.shard_name(i), block),
+              "failed": failed}
+    storage.atomic_write_json(_record_path(folder, i), record)
+    return record
+
+
+def _finished_shard(folder: Path, i: int) -> dict | None:
+    """The record of shard ``i`` if the shard is complete and intact, else None."""
+    path = _record_path(folder, i)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if storage.verify_shard(folder / storage.shard_name(i), record["sha256"]) else None
+
+
+def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Sequence[str],
+                 name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
+                 batch_size: int = 64, progress: bool = True, verify: bool = True,
+                 captions: Sequence[str] | None = None, labels: np.ndarray | None = None) -> EmbeddingSet:
+    """Embed ``items`` (images: PIL/paths/bytes; text: strings) into a cached embedding set.
+
+    Returns the set: ``array`` float32 [n, encoder.dim] (memory-mapped);
+    unreadable images are zero rows listed under ``manifest["failed"]``
+    (``ok`` is False there). ``verify`` checks the shards on a cache hit and
+    recomputes any that no longer match.
+    """
+    if kind not in ("image", "text"):
+        raise DataError(f"kind must be 'image' or 'text', not {kind!r}")
+    n = len(items)
+    if len(ids) != n:
+        raise DataError(f"{len(ids)} ids for {n} items; give one id per item")
+    if n == 0:
+        raise DataError(f"{name}: nothing to embed")
+    key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
+    folder = cache_root(root) / "embeddings" / storage.slug(name) / f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    starts = list(range(0, n, shard_rows))
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("cache_key") == key:
+            if verify:
+                _repair(folder, manifest, encoder, kind, items, ids, batch_size)
+            return storage.load_embedding_set(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = {i: _finished_shard(folder, i) for i in range(len(starts))}
+    done = sum(min(shard_rows, n - s) for i, s in enumerate(starts) if records[i])
+    with progress_bar(n, f"{kind} {name} {encoder.name}", progress, initial=done) as bar:
+        for i, start in enumerate(starts):
+            if records[i]:
+                continue
+            rows = range(start, min(start + shard_rows, n))
+            block, failed = _encode_rows(encoder, kind, items, rows, batch_size, ids)
+            records[i] = _write_shard(folder, i, block, failed)
+            bar.update(len(rows))
+    manifest = {
+        "format": storage.EMBEDDING_SET_FORMAT, "cache_format": CACHE_FORMAT, "cache_key": key, "kind": kind,
+        "encoder": _encoder_identity(encoder), "dataset": dataset, "name": name,
+        "count": n, "dim": int(encoder.dim), "dtype": "float32", "shard_rows": shard_rows,
+        "shards": [{"file": storage.shard_name(i), "rows": records[i]["rows"], "sha256": records[i]["sha256"]}
+                   for i in range(len(starts))],
+        "failed": [f for i in range(len(starts)) for f in records[i]["failed"]],
+        "ids_sha256": sha256_text("\n".join(ids)),
+    }
+    if captions is not None or kind == "text":
+        storage.write_captions(folder / "captions.jsonl", captions if captions is not None else items, ids)
+    if labels is not None:
+        storage.atomic_save_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
+    storage.atomic_write_json(manifest_path, manifest)  # last: a folder with a manifest is complete
+    return storage.load_embedding_set(folder)
+
+
+def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_size: int) -> None:
+    """Cache hit: recompute any shard whose file is missing or whose sha256 no longer matches."""
+    verified = storage.VerifiedShards(folder)
+    changed = False
+    for i, shard in enumerate(manifest["shards"]):
+        path = folder / shard["file"]
+        if storage.verify_shard(path, shard["sha256"], verified):
+            continue
+        start = i * manifest["shard_rows"]
+        block, _ = _encode_rows(encoder, kind, items, range(start, start + shard["rows"]), batch_size, ids)
+        failed = [f for f in manifest["failed"] if start <= f["row"] < start + shard["rows"]]
+        shard["sha256"] = _write_shard(folder, i, block, failed)["sha256"]
+        verified.record(path, shard["sha256"])
+        changed = True
+    if changed:
+        storage.atomic_write_json(folder / "manifest.json", manifest)
+    verified.save()
+
+
+# ---------------------------------------------------------------------------
+# what the method consumes
+# ---------------------------------------------------------------------------
+
+def encoder_of(encoder, modality: str):
+    """An encoder object from a name (loaded, ``modality`` "image" or "text") or an encoder (as is)."""
+    if not isinstance(encoder, str):
+        return encoder
+    from asif import encoders
+    return (encoders.load_image_encoder if modality == "image" else encoders.load_text_encoder)(encoder)
+
+
+@dataclass
+class AnchorEmbeddings:
+    """Aligned anchors: row i of ``A_img`` [N, d1] and ``A_txt`` [N, d2] is one pair.
+
+    Pairs whose image could not be read are dropped from both (``dropped``);
+    ``index`` [N] maps each row back to its position in ``anchor_set``, so
+    ``thumbnail(i)`` shows the image of row i.
+    """
+    A_img: np.ndarray
+    A_txt: np.ndarray
+    captions: list[str]
+    ids: list[str]
+    index: np.ndarray
+    anchor_set: AnchorSet
+    dropped: list[dict]
+
+    def __len__(self):
+        return len(self.captions)
+
+    def thumbnail(self, i: int, size: int = 96):
+        """Image of anchor row ``i`` as a small RGB PIL image."""
+        return self.anchor_set.thumbnail(int(self.index[i]), size)
+
+
+def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, root, progress, batch_size):
+    """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)] bool).
+
+    Embeds the whole part when all of it is asked for; for a prefix of a
+    larger order only the needed rows, so a small ``limit`` stays cheap."""
+    subset = len(rows) < len(part)
+    ids = [part.ids[j] for j in rows] if subset else part.ids
+    identity = dict(part.identity, rows=sha256_text(",".join(map(str, rows)))) if subset else part.identity
+    if kind == "image":
+        items = subset_images(part.images, rows) if subset else part.images
+        captions = [part.captions[j] for j in rows] if subset else part.captions
+    else:
+        items = [part.captions[j] for j in rows] if subset else part.captions
+        captions = None
+    emb = embed_cached(encoder, items, kind=kind, dataset=identity, ids=ids, name=part.name, root=root,
+                       progress=progress, batch_size=batch_size, captions=captions)
+    # not a subset means rows == arange(len(part)): the cached rows are already in order
+    return np.asarray(emb.array), emb.ok, emb.manifest.get("failed", [])
+
+
+def load_anchor_embeddings(anchor_set: str | AnchorSet, image_encoder=DEFAULT_IMAGE_ENCODER,
+                           text_encoder=DEFAULT_TEXT_ENCODER, limit: int | None = None, seed: int = 0,
+                           root=None, progress: bool = True, batch_size: int = 64) -> AnchorEmbeddings:
+    """Aligned anchor embeddings for an anchor set (name or object) and two encoders
+    (names or encoder objects), embedding through the cache what is not there yet.
+
+    Returns ``A_img`` float32 [N, d1], ``A_txt`` float32 [N, d2] in the set's
+    seeded order, minus pairs whose image failed (dropped from both)."""
+    if isinstance(anchor_set, str):
+        anchor_set = load_anchor_set(anchor_set, limit, seed)
+    else:
+        anchor_set = anchor_set.head(smoke_limit(limit))
+    image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
+    A_img = np.zeros((len(anchor_set), image_encoder.dim), dtype=np.float32)
+    A_txt = np.zeros((len(anchor_set), text_encoder.dim), dtype=np.float32)
+    ok = np.zeros(len(anchor_set), dtype=bool)
+    dropped = []
+    for p, part in enumerate(anchor_set.parts):
+        where = np.flatnonzero(anchor_set.order[:, 0] == p)
+        if len(where) == 0:
+            continue
+        rows = anchor_set.order[where, 1]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        img, img_ok, failed = _part_embeddings(part, uniq, image_encoder, "image", root, progress, batch_size)
+        txt, _, _ = _part_embeddings(part, uniq, text_encoder, "text", root, progress, batch_size)
+        A_img[where], A_txt[where], ok[where] = img[inverse], txt[inverse], img_ok[inverse]
+        dropped += failed
+    keep = np.flatnonzero(ok)
+    if len(keep) < len(ok):  # pairs whose image failed leave both sides (copied only then)
+        A_img, A_txt = A_img[keep], A_txt[keep]
+    captions, ids = anchor_set.captions, anchor_set.ids
+    return AnchorEmbeddings(A_img, A_txt, [captions[i] for i in keep], [ids[i] for i in keep],
+                            keep, anchor_set, dropped)
+
+
+@dataclass
+class EvalEmbeddings:
+    """A dataset ready for zero-shot evaluation.
+
+    ``images`` float32 [Q, d1]; ``labels`` int64 [Q]; ``prompts`` float32
+    [C*T, d2] class-major (the T templates of class c are rows c*T..c*T+T-1);
+    ``dropped``: images that could not be read (left out of images and labels).
+    """
+    images: np.ndarray
+    labels: np.ndarray
+    prompts: np.ndarray
+    classnames: list[str]
+    templates: list[str]
+    dataset: EvalDataset
+    dropped: list[dict]
+
+
+def load_eval_embeddings(dataset: str | EvalDataset, image_encoder=DEFAULT_IMAGE_ENCODER,
+                         text_encoder=DEFAULT_TEXT_ENCODER, split: str = "test", limit: int | None = None,
+                         seed: int = 0, root=None, progress: bool = True, batch_size: int = 64) -> EvalEmbeddings:
+    """Image embeddings, labels and class-major prompt embeddings of an evaluation dataset."""
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset, split, limit, seed)
+    image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
+    emb = embed_cached(image_encoder, dataset.images, kind="image", dataset=dataset.identity, ids=dataset.ids,
+                       name=f"{dataset.name}-{dataset.identity.get('split', '')}", root=root, progress=progress,
+                       batch_size=batch_size, labels=dataset.labels)
+    prompts = dataset.prompts()
+    pemb = embed_cached(text_encoder, prompts, kind="text", ids=[f"prompt/{i}" for i in range(len(prompts))],
+                        dataset={"prompts": dataset.name, "classnames": dataset.classnames,
+                                 "templates": dataset.templates},
+                        name=f"{dataset.name}-prompts", root=root, progress=False, batch_size=batch_size)
+    ok = emb.ok
+    return EvalEmbeddings(np.asarray(emb.array)[ok], dataset.labels[ok], np.asarray(pemb.array),
+                          dataset.classnames, dataset.templates, dataset, emb.manifest.get("failed", []))

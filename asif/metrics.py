@@ -1,0 +1,114 @@
+"""Metrics, named and shaped as LAION clip_benchmark reports them.
+
+  classification   acc1, acc5, mean_per_class_recall from scores [Q, C] and labels [Q]
+  retrieval        image_retrieval_recall@k and text_retrieval_recall@k from sim [n_images, n_texts]
+  results JSON     ``dataset``, ``model``, ``task``, ``metrics`` plus one entry per (anchor count, exponent)
+"""
+from __future__ import annotations
+
+import platform
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from asif.errors import ASIFInputError
+
+__all__ = ["check_labels", "classification_metrics", "retrieval_metrics", "zero_shot_result", "results_table",
+           "METRIC_KEYS"]
+
+METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
+
+
+def check_labels(labels, n_queries: int, n_classes: int) -> torch.Tensor:
+    """labels as int64 [Q] class indices in 0..C-1, or ASIFInputError naming what is wrong."""
+    y = torch.as_tensor(np.array(labels))
+    if y.ndim != 1 or y.shape[0] != n_queries:
+        raise ASIFInputError(f"labels: expected shape [{n_queries}] (one class index per image), got {tuple(y.shape)}")
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise ASIFInputError("labels: must be integer class indices")
+    y = y.long()
+    if n_queries and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ASIFInputError(f"labels: values must lie in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}")
+    return y
+
+
+def classification_metrics(scores, labels) -> dict:
+    """clip_benchmark's zero-shot metrics from scores [Q, C] and labels [Q].
+
+    acc5 uses min(5, C) guesses; mean_per_class_recall averages top-1 recall
+    over the classes present in ``labels``.
+    """
+    s = torch.as_tensor(scores)
+    y = check_labels(labels, s.shape[0], s.shape[1]).to(s.device)
+    top = s.topk(min(5, s.shape[1]), dim=1).indices
+    hit1 = top[:, 0] == y
+    hit5 = (top == y[:, None]).any(dim=1)
+    n_per_class = torch.bincount(y, minlength=s.shape[1])
+    present = n_per_class > 0
+    recalls = torch.bincount(y, weights=hit1.double(), minlength=s.shape[1])[present] / n_per_class[present]
+    return {"acc1": float(hit1.double().mean()), "acc5": float(hit5.double().mean()),
+            "mean_per_class_recall": float(recalls.mean())}
+
+
+def retrieval_metrics(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Recall@k both ways from sim [n_images, n_texts] and text_to_image [n_texts].
+
+    Named as clip_benchmark does: image_retrieval_recall@k is text -> image
+    (is the caption's image among the k best images), text_retrieval_recall@k
+    is image -> text (is any of the image's captions among the k best texts).
+    """
+    s = torch.as_tensor(np.asarray(sim)).double()
+    if s.ndim != 2:
+        raise ASIFInputError(f"sim: expected [n_images, n_texts], got shape {tuple(s.shape)}")
+    owner = torch.as_tensor(np.asarray(text_to_image)).long()
+    n_img, n_txt = s.shape
+    if owner.shape != (n_txt,):
+        raise ASIFInputError(f"text_to_image: expected shape [{n_txt}] (the image index of each text), got {tuple(owner.shape)}")
+    if n_txt and (int(owner.min()) < 0 or int(owner.max()) >= n_img):
+        raise ASIFInputError(f"text_to_image: values must lie in 0..{n_img - 1}")
+    out = {}
+    positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    positive[owner, torch.arange(n_txt)] = True
+    for k in ks:
+        if k < 1:
+            raise ASIFInputError(f"ks: recall@{k} is undefined; use k >= 1")
+        top_img = s.T.topk(min(k, n_img), dim=1).indices             # [n_txt, k]
+        out[f"image_retrieval_recall@{k}"] = float((top_img == owner[:, None]).any(1).double().mean())
+        top_txt = s.topk(min(k, n_txt), dim=1).indices                # [n_img, k]
+        has_text = positive.any(1)
+        hit = positive.gather(1, top_txt).any(1)
+        out[f"text_retrieval_recall@{k}"] = float(hit[has_text].double().mean())
+    return out
+
+
+def zero_shot_result(rows: Sequence[dict], *, dataset: str, model: str, params: dict | None = None,
+                     wall_time: float | None = None) -> dict:
+    """The sweep's rows as clip_benchmark-style JSON.
+
+    ``metrics`` holds the last row (the most anchors, the last exponent);
+    ``results`` one entry per (anchor count, exponent); plus the parameters,
+    library versions and wall time.
+    """
+    out = {
+        "dataset": dataset, "model": model, "task": "zeroshot_classification",
+        "metrics": {k: rows[-1][k] for k in METRIC_KEYS},
+        "results": [{"n_anchors": r["n_anchors"], "exponent": r["exponent"], "non_zeros": r["non_zeros"],
+                     "reduce": r["reduce"], "metrics": {k: r[k] for k in METRIC_KEYS}} for r in rows],
+        "params": dict(params or {}),
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+    }
+    if wall_time is not None:
+        out["wall_time_s"] = round(float(wall_time), 3)
+    return out
+
+
+def results_table(rows: Sequence[dict], metric: str = "acc1") -> str:
+    """Markdown table: one row per anchor count, one column per exponent."""
+    ps = sorted({r["exponent"] for r in rows}, reverse=True)
+    ns = sorted({r["n_anchors"] for r in rows})
+    val = {(r["n_anchors"], r["exponent"]): r[metric] for r in rows}
+    lines = ["| anchors | " + " | ".join(f"p = {p:g}" for p in ps) + " |", "|---:|" + "---:|" * len(ps)]
+    for n in ns:
+        lines.append(f"| {n} | " + " | ".join(f"{100 * val[(n, p)]:.1f}%" for p in ps) + " |")
+    return "\n".join(lines)

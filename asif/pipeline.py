@@ -1,0 +1,247 @@
+"""From names to results: what the command line and the notebooks run.
+
+  Choice          what a run uses: encoders, dataset, anchor set, k, p (00_setup saves it)
+  prepare         the choice's embeddings through the cache, and the two encoders, loaded once
+  run_zero_shot   the accuracy-vs-anchors curve (paper Fig. 5) and its clip_benchmark JSON
+  clip_zero_shot  CLIP on the same images and prompts, the baseline
+  build_default   the offline default embedded end to end (``asif data build``)
+
+Every cell of a notebook that computes something and every ``asif`` command
+calls one of these, and so do the tests.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import asif_core
+from asif import registry, storage
+from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
+from asif.config import cache_root
+from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
+from asif.errors import ASIFInputError
+from asif.metrics import METRIC_KEYS, classification_metrics, zero_shot_result
+
+__all__ = ["Choice", "load_choice", "save_choice", "choice_options", "Prepared", "prepare", "build_model",
+           "default_anchor_counts", "ZeroShotRun", "run_zero_shot", "clip_zero_shot", "build_default"]
+
+
+# ---------------------------------------------------------------------------
+# the choice, shared by the notebooks
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Choice:
+    """What a run uses; saved by 00_setup, read by the other notebooks."""
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    dataset: str = "fashion-mnist"
+    anchor_set: str = "clipart+tuxpaint"
+    non_zeros: int = 800
+    exponents: list = field(default_factory=lambda: [8.0, 3.0, 1.0])
+    precomputed: str | None = None  # a registry name, fetched instead of embedding
+
+    @property
+    def model_name(self) -> str:
+        return f"asif:{self.image_encoder}+{self.text_encoder}@{self.anchor_set}"
+
+    @property
+    def slug(self) -> str:
+        """dataset_anchors, safe as part of a file name."""
+        return storage.slug(f"{self.dataset}_{self.anchor_set}".replace("+", "-").replace(":", "-").replace("/", "-"))
+
+
+def choice_path() -> Path:
+    return cache_root() / "choice.json"
+
+
+def load_choice() -> Choice:
+    """The saved choice, or the offline defaults when nothing was saved."""
+    path = choice_path()
+    if not path.exists():
+        return Choice()
+    saved = json.loads(path.read_text())
+    known = Choice.__dataclass_fields__
+    return Choice(**{k: v for k, v in saved.items() if k in known})
+
+
+def save_choice(choice: Choice) -> Path:
+    storage.atomic_write_json(choice_path(), asdict(choice))
+    return choice_path()
+
+
+def choice_options() -> dict:
+    """Dropdown options: (label, value) pairs, offline ones first and marked."""
+    enc = list_encoders()
+
+    def opts(modality):
+        return [(f"{e['name']}  ({'offline' if e['offline'] else 'online'})", e["name"])
+                for e in enc if e["modality"] == modality]
+    datasets = [("fashion-mnist  (offline, Debian package)", "fashion-mnist"),
+                ("cifar100  (online, torchvision)", "cifar100"), ("cifar10  (online, torchvision)", "cifar10"),
+                ("pets  (online, torchvision)", "pets"), ("imagenet  (local val folder: imagenet:PATH)", "imagenet")]
+    anchors = [("clipart+tuxpaint  (offline, general captions)", "clipart+tuxpaint"),
+               ("clipart  (offline)", "clipart"), ("tuxpaint  (offline)", "tuxpaint"),
+               ("fashion-mnist-train  (offline, in-domain captions)", "fashion-mnist-train")]
+    precomputed = [("none: embed here", None)] + [(f"{k}  (registry, download)", k) for k in registry.load_registry()]
+    return {"image_encoder": opts("image"), "text_encoder": opts("text"), "dataset": datasets,
+            "anchor_set": anchors, "precomputed": precomputed}
+
+
+# ---------------------------------------------------------------------------
+# embeddings and the model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """The embeddings of a choice and the two encoders that made them (loaded once, reused)."""
+    choice: Choice
+    evals: EvalEmbeddings
+    anchors: AnchorEmbeddings
+    image_encoder: object
+    text_encoder: object
+
+    @property
+    def chance(self) -> float:
+        return 1 / len(self.evals.classnames)
+
+
+def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anchor_limit: int | None = None,
+            split: str = "test", device="auto") -> Prepared:
+    """Embeddings for the choice, built through the cache (or fetched from the registry first).
+
+    ``limit``: test images (default all; smoke mode a few hundred);
+    ``anchor_limit``: anchor pairs, the first of the set's order (default
+    ``limit``, then all).
+    """
+    if choice.precomputed:
+        registry.fetch(choice.precomputed, progress=progress)
+    from asif.encoders import load_image_encoder, load_text_encoder
+    image_encoder = load_image_encoder(choice.image_encoder, device=device)
+    text_encoder = load_text_encoder(choice.text_encoder, device=device)
+    evals = load_eval_embeddings(choice.dataset, image_encoder, text_encoder, split=split, limit=limit,
+                                 progress=progress)
+    anchors = load_anchor_embeddings(choice.anchor_set, image_encoder, text_encoder,
+                                     limit=anchor_limit if anchor_limit is not None else limit, progress=progress)
+    return Prepared(choice, evals, anchors, image_encoder, text_encoder)
+
+
+def build_model(anchors: AnchorEmbeddings, non_zeros: int = 800, exponent: float = 8.0, device="auto") -> asif_core.ASIF:
+    """An ASIF model over aligned anchor embeddings, with their captions."""
+    return asif_core.ASIF(anchors.A_img, anchors.A_txt, non_zeros, exponent, captions=anchors.captions,
+                          device=device)
+
+
+# ---------------------------------------------------------------------------
+# zero-shot accuracy against the number of anchors (paper Fig. 5)
+# ---------------------------------------------------------------------------
+
+def default_anchor_counts(n_max: int, smallest: int = 64) -> list[int]:
+    """Powers of two from ``smallest`` up to n_max, and n_max itself: the x axis of Fig. 5."""
+    if n_max < 1:
+        raise ASIFInputError("no anchors: the anchor set is empty")
+    counts, n = [], min(smallest, n_max)
+    while n < n_max:
+        counts.append(n)
+        n *= 2
+    return counts + [n_max]
+
+
+@dataclass
+class ZeroShotRun:
+    """A sweep's rows (one per anchor count and exponent), its clip_benchmark JSON, chance and wall time."""
+    rows: list[dict]
+    result: dict
+    chance: float
+    wall_time: float
+
+    def save(self, path) -> Path:
+        """Write the JSON atomically."""
+        storage.atomic_write_json(path, self.result)
+        return Path(path)
+
+
+def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
+                  reduce: str = "max", anchor_counts: Sequence[int] | None = None, device="auto",
+                  progress: bool = True, params: dict | None = None) -> ZeroShotRun:
+    """Accuracy for every (anchor count, exponent) in one pass (asif_core.sweep), as clip_benchmark JSON.
+
+    ``anchor_counts`` default: powers of two up to all anchors. ``params``
+    adds to the JSON's parameters (which already name the encoders, data,
+    k, p, counts, reduce, chance and what was dropped).
+    """
+    evals, anchors, choice = prepared.evals, prepared.anchors, prepared.choice
+    counts = list(anchor_counts or default_anchor_counts(len(anchors)))
+    if max(counts) > len(anchors):
+        raise ASIFInputError(f"anchor_counts: the anchor set {choice.anchor_set} has {len(anchors)} pairs, "
+                             f"asked for {max(counts)}")
+    start = time.perf_counter()
+    rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts,
+                           len(evals.classnames), anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
+                           reduce=reduce, device=device, progress=progress)
+    wall = time.perf_counter() - start
+    info = {"non_zeros": non_zeros, "exponents": [float(p) for p in exponents], "anchor_counts": counts,
+            "reduce": reduce, "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
+            "anchor_set": choice.anchor_set, "split": evals.dataset.identity.get("split", "test"),
+            "n_test": int(len(evals.labels)), "chance": prepared.chance,
+            "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped),
+            **(params or {})}
+    result = zero_shot_result(rows, dataset=choice.dataset, model=choice.model_name, params=info, wall_time=wall)
+    return ZeroShotRun(rows, result, prepared.chance, wall)
+
+
+def clip_zero_shot(evals: EvalEmbeddings, model: str = "ViT-B-32", pretrained: str = "laion2b_s34b_b79k",
+                   device="auto", limit: int | None = None) -> tuple[dict | None, str]:
+    """CLIP's zero-shot metrics on the same images and prompts, or (None, why) when it can't run.
+
+    CLIP is the baseline: its weights must be downloadable (online) or cached.
+    """
+    from asif.encoders import load_clip
+    try:
+        clip = load_clip(model, pretrained, device=device)
+    except Exception as e:  # no network, no open_clip: the notebook says why and goes on
+        return None, f"CLIP baseline not run: {e}"
+    images = evals.dataset.images
+    keep = np.arange(len(images)) if limit is None else np.arange(min(limit, len(images)))
+    x = clip.encode_image([images[i] for i in keep])
+    t = clip.encode_text(evals.dataset.prompts())
+    c, n_t = len(evals.classnames), len(evals.templates)
+    # CLIP's own recipe: the normalised mean of the templates' embeddings
+    cls = t.reshape(c, n_t, -1).mean(1)
+    cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+    return classification_metrics(x @ cls.T, evals.dataset.labels[keep]), f"CLIP {model}/{pretrained}"
+
+
+def rows_from_result(result: dict) -> list[dict]:
+    """The sweep's rows back from its JSON: n_anchors, exponent and the metrics."""
+    return [dict(n_anchors=r["n_anchors"], exponent=r["exponent"], **{k: r["metrics"][k] for k in METRIC_KEYS})
+            for r in result["results"]]
+
+
+# ---------------------------------------------------------------------------
+# the embedded default
+# ---------------------------------------------------------------------------
+
+def build_default(progress: bool = True, limit: int | None = None, root=None,
+                  image_encoder=DEFAULT_IMAGE_ENCODER, text_encoder=DEFAULT_TEXT_ENCODER) -> dict:
+    """Embed the offline default through the cache: Fashion-MNIST train and test
+    (images + prompts), clip-art and TuxPaint anchors (images + captions).
+    Already cached parts cost a checksum pass. Returns {what: (rows, seconds)}."""
+    image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
+    report = {}
+    for split in ("train", "test"):
+        t = time.time()
+        e = load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, split=split, limit=limit,
+                                 root=root, progress=progress)
+        report[f"fashion-mnist-{split}"] = (len(e.labels), round(time.time() - t, 1))
+    for name, what in (("fashion-mnist-train", "fashion-mnist-train captions"), ("clipart", "clipart"),
+                       ("tuxpaint", "tuxpaint")):
+        t = time.time()
+        a = load_anchor_embeddings(name, image_encoder, text_encoder, limit=limit, root=root, progress=progress)
+        report[what] = (len(a), round(time.time() - t, 1))
+    return report

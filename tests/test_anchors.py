@@ -1,0 +1,120 @@
+"""Coupled anchor sources: captions, rendering, order, user files and webdataset shards."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asif import anchors as A
+from asif import datasets
+from asif.errors import DataError
+from asif.images import render_svg
+from conftest import needs
+from test_datasets import make_folder
+
+
+@needs("openclipart-svg")
+def test_clipart_captions_and_rendering():
+    bat = A.OPENCLIPART_DIR / "animals" / "bat_orlando_karam_.svg"
+    if bat.exists():
+        assert A.svg_caption(bat) == "bat. mammal, animal."
+    a = A.load_anchor_set("clipart", limit=30)
+    b = A.load_anchor_set("clipart", limit=30)
+    assert len(a) == 30 and a.ids == b.ids and a.captions == b.captions
+    assert len(set(p for p, _ in a.order)) == 1
+    ok = 0
+    for i in range(30):
+        try:
+            im = a.image(i)
+        except DataError:
+            continue
+        ok += 1
+        assert im.mode == "RGB" and max(im.size) == 224
+    assert ok >= 25
+    mali = A.OPENCLIPART_DIR / "signs_and_symbols" / "flags" / "africa" / "mali.svg"
+    if mali.exists():  # uses a percentage opacity that cairosvg cannot parse
+        with pytest.raises(DataError, match="cannot be rendered"):
+            render_svg(mali)
+
+
+@needs("tuxpaint-stamps-default")
+def test_tuxpaint_captions_and_translations():
+    a = A.load_anchor_set("tuxpaint", limit=25)
+    assert len(a) == 25
+    for i in range(25):
+        part, j = a.order[i]
+        txt = a.parts[part].ids[j].split("|")[1].rsplit(":", 2)[0]
+        first = (A.TUXPAINT_DIR / txt).read_text(encoding="utf-8").splitlines()[0].strip()
+        assert a.captions[i] == first
+    assert any("fr" in a.translations(i) for i in range(25))
+    im = a.image(0)
+    assert im.mode == "RGB"
+    frog = A.TUXPAINT_DIR / "animals" / "amphibians" / "frog.txt"
+    if frog.exists():
+        english, others = A.read_tuxpaint_text(frog)
+        assert english == "A frog." and others["fr"] == "Une grenouille."
+    full = A.load_anchor_set("tuxpaint")
+    assert any(s["reason"] == "no .txt description" for s in full.skipped)
+
+
+@needs("openclipart-svg")
+@needs("tuxpaint-stamps-default")
+def test_combined_anchor_sets_order():
+    both = A.load_anchor_set("clipart+tuxpaint")
+    clip, tux = A.load_anchor_set("clipart"), A.load_anchor_set("tuxpaint")
+    assert len(both) == len(clip) + len(tux)
+    head = A.load_anchor_set("clipart+tuxpaint", limit=500)
+    assert head.ids == both.ids[:500]
+    assert 0 < (head.order[:, 0] == 1).sum() < 500, "both parts appear among the first anchors"
+    assert A.load_anchor_set("clipart+tuxpaint", seed=3).ids[:50] != both.ids[:50]
+
+
+@needs("dataset-fashion-mnist")
+def test_fashion_mnist_train_captions_from_labels():
+    a = A.load_anchor_set("fashion-mnist-train", limit=200)
+    ds = datasets.load_dataset("fashion-mnist", split="train")
+    for i in range(200):
+        j = int(a.ids[i].rsplit("/", 1)[1])
+        phrase = A._FASHION_PHRASES[ds.labels[j]]
+        assert phrase.split(" ", 1)[1] in a.captions[i].lower()
+        assert np.array_equal(np.asarray(a.image(i)), np.asarray(ds.images[j]))
+
+
+def test_captions_csv_and_jsonl(tmp_path):
+    make_folder(tmp_path / "img", ["x"], 3)
+    (tmp_path / "a.csv").write_text("image_path,caption\nimg/x/0.png,first\nimg/x/1.png,\"second, with comma\"\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"image": str(tmp_path / "img/x/2.png"), "text": "third"}) + "\n")
+    s = A.load_anchor_set(f"captions:{tmp_path / 'a.csv'}+captions:{tmp_path / 'b.jsonl'}")
+    assert sorted(s.captions) == ["first", "second, with comma", "third"]
+    i = s.captions.index("second, with comma")
+    assert np.asarray(s.image(i))[0, 0].tolist() == [0, 10, 0]
+    (tmp_path / "bad.csv").write_text("picture,words\na.png,b\n")
+    with pytest.raises(DataError, match="image path"):
+        A.load_anchor_set(f"captions:{tmp_path / 'bad.csv'}")
+
+
+def test_webdataset_shards(tmp_path):
+    expected = {}
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:05d}.tar", "w") as tar:
+            for k in range(3):
+                key = f"{s}{k:04d}"
+                buf = io.BytesIO()
+                Image.new("RGB", (5, 5), (s * 100, k * 50, 7)).save(buf, "PNG" if k % 2 else "JPEG", quality=100)
+                for name, data in ((f"{key}.{'png' if k % 2 else 'jpg'}", buf.getvalue()),
+                                   (f"{key}.txt", f"caption {key}".encode()),
+                                   (f"{key}.json", b"{}")):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(data)
+                    tar.addfile(ti, io.BytesIO(data))
+                expected[f"caption {key}"] = (s * 100, k * 50, 7)
+            ti = tarfile.TarInfo("orphan.txt")
+            ti.size = 1
+            tar.addfile(ti, io.BytesIO(b"x"))
+    s = A.load_anchor_set(f"webdataset:{tmp_path}/shard-{{00000..00001}}.tar")
+    assert sorted(s.captions) == sorted(expected) and len(s.skipped) == 2
+    for i, c in enumerate(s.captions):
+        got = np.asarray(s.image(i))[2, 2].astype(int)
+        assert np.abs(got - np.array(expected[c])).max() <= 3

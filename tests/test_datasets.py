@@ -1,0 +1,111 @@
+"""Evaluation datasets: Fashion-MNIST from its Debian package (or its public source), torchvision, folders.
+
+Real data where the Debian packages are installed (skipped with the package
+name otherwise); downloads come from a server on 127.0.0.1 that the tests
+start, never the internet.
+"""
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from asif import datasets as D
+from asif.config import SMOKE_SIZE
+from asif.errors import DataError, OfflineError
+from asif.images import load_image
+from conftest import closed_port_url, needs
+
+FM = D.FASHION_MNIST_DIR
+
+
+@needs("dataset-fashion-mnist")
+def test_idx_decoding_matches_file_bytes():
+    raw = gzip.decompress((FM / "t10k-images-idx3-ubyte.gz").read_bytes())
+    labels = gzip.decompress((FM / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    ds = D.load_dataset("fashion-mnist", split="test")
+    assert len(ds) == 10000 and ds.labels.dtype == np.int64
+    for i in (0, 123, 9999):
+        pixels = np.frombuffer(raw, np.uint8, 784, 16 + 784 * i).reshape(28, 28)
+        image = ds.images[i]
+        assert image.mode == "RGB" and image.size == (28, 28)
+        np.testing.assert_array_equal(np.asarray(image)[:, :, 0], pixels)
+        assert ds.labels[i] == labels[8 + i]
+    assert ds.classnames[9] == "ankle boot" and len(ds.templates) >= 3
+
+
+@needs("dataset-fashion-mnist")
+def test_subset_is_seeded_and_smoke_env(monkeypatch):
+    a = D.load_dataset("fashion-mnist", limit=300, seed=1)
+    b = D.load_dataset("fashion-mnist", limit=300, seed=1)
+    c = D.load_dataset("fashion-mnist", limit=300, seed=2)
+    assert len(a) == 300 and a.ids == b.ids and a.ids != c.ids
+    full = D.load_dataset("fashion-mnist")
+    i = int(a.ids[17].rsplit("/", 1)[1])
+    assert np.array_equal(np.asarray(a.images[17]), np.asarray(full.images[i])) and a.labels[17] == full.labels[i]
+    assert a.identity != full.identity
+    monkeypatch.setenv("ASIF_SMOKE", "1")
+    assert len(D.load_dataset("fashion-mnist")) == SMOKE_SIZE
+    prompts = a.prompts()
+    T = len(a.templates)
+    assert len(prompts) == 10 * T and prompts[T] == a.templates[0].replace("{c}", a.classnames[1])
+
+
+def test_classnames_and_templates_files():
+    assert len(D.load_templates("cifar100")) == 18 and len(D.load_templates("imagenet")) == 7
+    assert len(D.load_templates("pets")) == 3
+    assert len(D.load_classnames("cifar100")) == 100 and len(set(D.load_classnames("cifar100"))) == 100
+    assert len(D.load_classnames("pets")) == 37 and len(D.load_classnames("cifar10")) == 10
+    for name in ("cifar10", "cifar100", "imagenet", "pets", "fashion-mnist", "imagefolder"):
+        assert all("{c}" in t for t in D.load_templates(name))
+
+
+@needs("dataset-fashion-mnist")
+def test_fashion_mnist_public_source_when_package_absent(tmp_path, monkeypatch, server):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        server.files[f"/fm/{name}"] = (FM / name).read_bytes()
+    monkeypatch.setenv("ASIF_FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ASIF_FASHION_MNIST_URL", closed_port_url())
+    with pytest.raises(OfflineError, match="apt-get install dataset-fashion-mnist"):
+        D.load_dataset("fashion-mnist")
+    monkeypatch.setenv("ASIF_FASHION_MNIST_URL", server.url + "/fm/")
+    ds = D.load_dataset("fashion-mnist", limit=5)
+    assert len(ds) == 5 and (tmp_path / "cache" / "datasets" / "fashion-mnist").is_dir()
+    server.files["/fm/t10k-labels-idx1-ubyte.gz"] = gzip.compress(b"\0\0\x08\x01" + b"\0\0\0\x01" + b"\x05")
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(DataError, match="sha256"):
+        D.load_dataset("fashion-mnist")
+
+
+def test_torchvision_dataset_offline_error(tmp_path, monkeypatch):
+    tvd = pytest.importorskip("torchvision.datasets")
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path))
+    monkeypatch.setattr(tvd.CIFAR10, "url", closed_port_url() + "cifar-10-python.tar.gz")
+    with pytest.raises(OfflineError, match="network"):
+        D.load_dataset("cifar10")
+
+
+def make_folder(root: Path, classes, n):
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / cls / f"{i}.png")
+
+
+def test_imagefolder_and_imagenet(tmp_path):
+    make_folder(tmp_path / "f", ["golden_retriever", "tabby"], 3)
+    ds = D.load_dataset(f"imagefolder:{tmp_path / 'f'}")
+    assert ds.classnames == ["golden retriever", "tabby"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert np.asarray(load_image(ds.images[4]))[0, 0].tolist() == [40, 10, 0]
+    make_folder(tmp_path / "val", ["n01440764", "n01443537"], 2)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    inet = D.load_dataset(f"imagenet:{tmp_path / 'val'}")
+    assert inet.classnames == ["tench", "goldfish"] and len(inet.templates) == 7
+    with pytest.raises(DataError, match="not a folder"):
+        D.load_dataset(f"imagefolder:{tmp_path / 'nope'}")
+    with pytest.raises(DataError, match="unknown dataset"):
+        D.load_dataset("mnist-but-wrong")

@@ -1,0 +1,47 @@
+"""Metrics by hand and by brute force, and the clip_benchmark JSON."""
+import numpy as np
+import pytest
+
+from asif import metrics
+from asif.errors import ASIFInputError
+
+
+def test_classification_metrics_by_hand():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    m = metrics.classification_metrics(scores, [0, 1, 1, 2])
+    assert m["acc1"] == 0.5
+    assert m["acc5"] == 1.0
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+@pytest.mark.parametrize("labels,match", [([0, 1], "shape"), ([0, 1, 1, 3], "values"), ([0.5, 1, 1, 2], "integer")])
+def test_bad_labels_are_named(labels, match):
+    with pytest.raises(ASIFInputError, match=match):
+        metrics.classification_metrics(np.zeros((4, 3)), labels)
+
+
+def test_retrieval_metrics_by_brute_force():
+    rng = np.random.default_rng(0)
+    sim = rng.random((6, 12))
+    owner = np.repeat(np.arange(6), 2)
+    m = metrics.retrieval_metrics(sim, owner, ks=(1, 3))
+    for k in (1, 3):
+        i2t = np.mean([bool(set(np.argsort(-sim[i])[:k]) & set(np.flatnonzero(owner == i))) for i in range(6)])
+        t2i = np.mean([owner[j] in np.argsort(-sim[:, j])[:k] for j in range(12)])
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+        assert m[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+    perfect = metrics.retrieval_metrics(np.eye(4), np.arange(4), ks=(1,))
+    assert perfect["image_retrieval_recall@1"] == perfect["text_retrieval_recall@1"] == 1.0
+
+
+def test_zero_shot_result_and_table():
+    rows = [{"n_anchors": n, "exponent": p, "non_zeros": 5, "reduce": "max", "acc1": a, "acc5": 1.0,
+             "mean_per_class_recall": a}
+            for n, p, a in [(10, 8.0, 0.5), (10, 1.0, 0.25), (20, 8.0, 0.75), (20, 1.0, 0.125)]]
+    res = metrics.zero_shot_result(rows, dataset="d", model="m", params={"x": 1}, wall_time=1.23456)
+    assert res["task"] == "zeroshot_classification" and res["metrics"]["acc1"] == 0.125
+    assert [(r["n_anchors"], r["exponent"], r["metrics"]["acc1"]) for r in res["results"]] == \
+        [(r["n_anchors"], r["exponent"], r["acc1"]) for r in rows]
+    assert res["wall_time_s"] == 1.235 and res["params"] == {"x": 1}
+    assert metrics.results_table(rows).splitlines() == [
+        "| anchors | p = 8 | p = 1 |", "|---:|---:|---:|", "| 10 | 50.0% | 25.0% |", "| 20 | 75.0% | 12.5% |"]

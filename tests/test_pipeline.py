@@ -1,0 +1,79 @@
+"""From names to results: the choice, prepare, run_zero_shot and its JSON, on fake encoders."""
+import json
+
+import pytest
+from PIL import Image
+
+import asif_core as ac
+from asif import cache, pipeline
+from asif.errors import ASIFInputError
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+NAMES = ["red", "green", "blue"]
+
+
+@pytest.fixture
+def prepared(tmp_path, fake_encoders):
+    """An image folder of 3 colour classes and 40 coupled anchors (a coloured square, its colour's name)."""
+    img, txt = fake_encoders
+    for c, (name, colour) in enumerate(zip(NAMES, COLOURS)):
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (6, 6), tuple(max(0, v - 9 * i) for v in colour)).save(tmp_path / "test" / name / f"{i}.png")
+    rows = []
+    for i in range(40):
+        p = tmp_path / "anchors" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (6, 6), COLOURS[i % 3]).save(p)
+        rows.append({"image": str(p), "caption": f"a photo of a {NAMES[i % 3]}."})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    choice = pipeline.Choice(image_encoder=img.name, text_encoder=txt.name, dataset=f"imagefolder:{tmp_path / 'test'}",
+                             anchor_set=f"captions:{tmp_path / 'pairs.jsonl'}")
+    evals = cache.load_eval_embeddings(choice.dataset, img, txt, root=tmp_path / "cache", progress=False)
+    anchors = cache.load_anchor_embeddings(choice.anchor_set, img, txt, root=tmp_path / "cache", progress=False)
+    return pipeline.Prepared(choice, evals, anchors, img, txt)
+
+
+def test_default_anchor_counts():
+    assert pipeline.default_anchor_counts(1000) == [64, 128, 256, 512, 1000]
+    assert pipeline.default_anchor_counts(50) == [50]
+    assert pipeline.default_anchor_counts(128) == [64, 128]
+    with pytest.raises(ASIFInputError):
+        pipeline.default_anchor_counts(0)
+
+
+def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_path):
+    run = pipeline.run_zero_shot(prepared, exponents=[8, 1], non_zeros=10, anchor_counts=[20, 40], progress=False,
+                                 params={"note": "x"})
+    e, a = prepared.evals, prepared.anchors
+    rows = ac.sweep(a.A_img, a.A_txt, e.images, e.labels, e.prompts, 3, anchor_counts=[20, 40], exponents=[8, 1],
+                    non_zeros=10)
+    assert [(r["n_anchors"], r["exponent"], r["acc1"]) for r in run.rows] == \
+        [(r["n_anchors"], r["exponent"], r["acc1"]) for r in rows]
+    assert run.chance == pytest.approx(1 / 3) and run.rows[-1]["acc1"] > 0.9  # the colours are easy
+    p = run.result["params"]
+    assert p["anchor_counts"] == [20, 40] and p["n_test"] == 12 and p["note"] == "x"
+    assert p["anchor_set"] == prepared.choice.anchor_set and p["chance"] == pytest.approx(1 / 3)
+    assert run.result["model"] == f"asif:fake-image+fake-text@{prepared.choice.anchor_set}"
+    back = json.loads(run.save(tmp_path / "out" / "r.json").read_text())
+    assert pipeline.rows_from_result(back) == [{k: r[k] for k in ("n_anchors", "exponent", "acc1", "acc5",
+                                                                   "mean_per_class_recall")} for r in run.rows]
+    with pytest.raises(ASIFInputError, match="has 40 pairs, asked for 41"):
+        pipeline.run_zero_shot(prepared, anchor_counts=[41], progress=False)
+
+
+def test_default_counts_end_at_all_anchors(prepared):
+    run = pipeline.run_zero_shot(prepared, non_zeros=5, progress=False)
+    assert [r["n_anchors"] for r in run.rows] == [40]
+
+
+def test_choice_is_saved_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path))
+    assert pipeline.load_choice() == pipeline.Choice()
+    c = pipeline.Choice(dataset="cifar10", exponents=[8.0])
+    assert pipeline.save_choice(c) == tmp_path / "choice.json"
+    assert pipeline.load_choice() == c
+    assert c.slug == "cifar10_clipart-tuxpaint"
+    opts = pipeline.choice_options()
+    assert ("fashion-mnist  (offline, Debian package)", "fashion-mnist") in opts["dataset"]
+    assert opts["image_encoder"][0][1] == "efficientnet_lite0"
