@@ -108,7 +108,13 @@ class Prepared:
 
     @property
     def chance(self) -> float:
+        """1 / C: the accuracy of a uniform random guess."""
         return 1 / len(self.evals.classnames)
+
+    @property
+    def majority_rate(self) -> float:
+        """The share of the most frequent class among the test images: the accuracy of always guessing it."""
+        return float(np.bincount(self.evals.labels).max() / len(self.evals.labels))
 
 
 def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anchor_limit: int | None = None,
@@ -126,8 +132,12 @@ def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anc
     text_encoder = load_text_encoder(choice.text_encoder, device=device)
     evals = load_eval_embeddings(choice.dataset, image_encoder, text_encoder, split=split, limit=limit,
                                  progress=progress)
+    # a test set read from a package that anchors come from too: its items leave the anchors
     anchors = load_anchor_embeddings(choice.anchor_set, image_encoder, text_encoder,
-                                     limit=anchor_limit if anchor_limit is not None else limit, progress=progress)
+                                     limit=anchor_limit if anchor_limit is not None else limit, progress=progress,
+                                     exclude=evals.dataset.keys)
+    if anchors.anchor_set.removed and progress:
+        print(f"{anchors.anchor_set.removed} anchor pairs left out: {choice.dataset} holds the same items")
     return Prepared(choice, evals, anchors, image_encoder, text_encoder)
 
 
@@ -190,6 +200,8 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
             "anchor_set": choice.anchor_set, "split": evals.dataset.identity.get("split", "test"),
             "n_test": int(len(evals.labels)), "chance": prepared.chance,
             "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped),
+            "anchors_shared_with_test_removed": anchors.anchor_set.removed,
+            "majority_rate": prepared.majority_rate,
             **(params or {})}
     result = zero_shot_result(rows, dataset=choice.dataset, model=choice.model_name, params=info, wall_time=wall)
     return ZeroShotRun(rows, result, prepared.chance, wall)

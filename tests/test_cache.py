@@ -202,3 +202,22 @@ def test_a_cache_built_before_the_package_layout_is_still_valid(tmp_path, monkey
     np.testing.assert_allclose(a.A_img, new.A_img, atol=1e-7)
     np.testing.assert_allclose(a.A_txt, new.A_txt, atol=1e-7)
     assert a.captions == new.captions and fresh_img.rows == 5
+
+
+def test_most_of_a_part_embeds_the_whole_part_once(tmp_path, fake_encoders):
+    paths = write_images(tmp_path / "imgs", 10)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": f"pic {i}"}) + "\n"
+                                              for i, p in enumerate(paths)))
+    from asif.anchors import load_anchor_set
+    img, txt = fake_encoders
+    name = f"captions:{tmp_path / 'a.jsonl'}"
+    s = load_anchor_set(name)
+    s.parts[0].keys = [f"k{i}" for i in range(10)]
+    seven = C.load_anchor_embeddings(s.without({"k1", "k4", "k8"}), img, txt, root=tmp_path / "c", progress=False)
+    assert len(seven) == 7 and img.rows == 10, "7 of 10 rows: the whole part is embedded, then selected"
+    np.testing.assert_allclose(seven.A_img, img.encode([paths[int(c.split()[1])] for c in seven.captions]), atol=1e-7)
+    img.rows = 0
+    whole = C.load_anchor_embeddings(name, img, txt, root=tmp_path / "c", progress=False)
+    assert len(whole) == 10 and img.rows == 0, "and every later use of the part reads it"
+    two = C.load_anchor_embeddings(name, img, txt, limit=2, root=tmp_path / "c", progress=False)
+    assert len(two) == 2 and img.rows == 2, "a few rows of a part are embedded alone"

@@ -54,6 +54,7 @@ def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_pa
     p = run.result["params"]
     assert p["anchor_counts"] == [20, 40] and p["n_test"] == 12 and p["note"] == "x"
     assert p["anchor_set"] == prepared.choice.anchor_set and p["chance"] == pytest.approx(1 / 3)
+    assert p["majority_rate"] == pytest.approx(4 / 12) and p["anchors_shared_with_test_removed"] == 0
     assert run.result["model"] == f"asif:fake-image+fake-text@{prepared.choice.anchor_set}"
     back = json.loads(run.save(tmp_path / "out" / "r.json").read_text())
     assert pipeline.rows_from_result(back) == [{k: r[k] for k in ("n_anchors", "exponent", "acc1", "acc5",
