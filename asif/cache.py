@@ -235,6 +235,15 @@ class AnchorEmbeddings:
         """Image of anchor row ``i`` as a small RGB PIL image."""
         return self.anchor_set.thumbnail(int(self.index[i]), size)
 
+    @property
+    def sources(self) -> np.ndarray:
+        """int [N]: the part (source) of the anchor set each row comes from."""
+        return self.anchor_set.order[self.index, 0]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [p.name for p in self.anchor_set.parts]
+
 
 def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, root, progress, batch_size):
     """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)], failed).
