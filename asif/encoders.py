@@ -24,9 +24,11 @@ use it as their key, so it must change whenever the vectors could.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import math
 import os
 from pathlib import Path
@@ -540,6 +542,28 @@ class ClipBaseline:
                                 lambda batch: self.model.encode_text(self.tokenizer(batch).to(self.device)))
 
 
+@contextlib.contextmanager
+def _root_log_kept():
+    """Records logged to the root logger inside the block go into the list yielded, not to stderr.
+
+    Without a handler of its own the root logger would install one on stderr
+    for good (``logging.basicConfig``) at the first record.
+    """
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [Keep()]
+    try:
+        yield records
+    finally:
+        root.handlers = saved
+
+
 def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", device="auto") -> ClipBaseline:
     """Load an open_clip model; ``pretrained=None`` gives random weights (tests)."""
     import open_clip
@@ -552,7 +576,8 @@ def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b7
         raise ASIFInputError(f"no pretrained tag {pretrained!r} for CLIP {model!r}; known: "
                              f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}")
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
+        with _root_log_kept():  # open_clip logs a failed download before raising it: one message, ours
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
     except (OSError, ConnectionError, RuntimeError) as e:
         # open_clip reports a failed download as a RuntimeError
         if isinstance(e, RuntimeError) and "download" not in str(e).lower():
