@@ -454,8 +454,27 @@ def _folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None) -> TextEncoder:
-    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name."""
+@contextlib.contextmanager
+def _loading_bar(enabled: bool):
+    """transformers draws a "Loading weights" bar while a model loads: hidden unless ``enabled``."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        enabled = True  # nothing to hide
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None,
+                      progress: bool = True) -> TextEncoder:
+    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name.
+    ``progress=False`` hides the weights-loading bar."""
     from sentence_transformers import SentenceTransformer
     dev = asif_core.pick_device(device)
     dt = _resolve_dtype(dev, dtype)
@@ -477,7 +496,9 @@ def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=Non
         folder = None
         weights = {"source": f"hub:{name}"}
     try:
-        model = SentenceTransformer(str(folder) if folder else name, device=str(dev), local_files_only=folder is not None)
+        with _loading_bar(progress):
+            model = SentenceTransformer(str(folder) if folder else name, device=str(dev),
+                                        local_files_only=folder is not None)
     except (OSError, ValueError, ConnectionError) as e:  # hub unreachable, or no such repository
         offline = ", ".join(sorted(_PACKAGED_TEXT))
         raise ASIFInputError(f"cannot load text encoder {name!r} ({type(e).__name__}): unknown name, or "

@@ -327,6 +327,30 @@ def ranked_html(name: str, ranked: Sequence[tuple[str, float]]) -> str:
             f"<b>{html.escape(name)}</b><table>{rows}</table></div>")
 
 
+def plot_explanations(result: dict, anchors, test_image=None, top: int = 6):
+    """Side by side: the test image, then for the predicted and true class the anchors with their share."""
+    import matplotlib.pyplot as plt
+    roles = ["predicted", "true"]
+    fig, axes = plt.subplots(2, top + 1, figsize=(1.9 * (top + 1), 5.2))
+    for r, role in enumerate(roles):
+        ex = result[f"{role}_explanation"]
+        ax = axes[r, 0]
+        if test_image is not None:
+            ax.imshow(load_image(test_image))
+        ax.set_title(f"{role}: {ex['class']}\nscore {ex['score']:.3f}", fontsize=8)
+        ax.axis("off")
+        for c in range(top):
+            ax = axes[r, c + 1]
+            ax.axis("off")
+            if c < len(ex["anchors"]):
+                a = ex["anchors"][c]
+                ax.imshow(anchors.thumbnail(a["anchor"], 128))
+                cap = wrap(a["caption"], 22, 3)
+                ax.set_title(f"{100 * a['share']:.0f}% of score\n{cap}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def colab_camera_capture(quality: float = 0.8, timeout_s: float = 60):
     """Take a photo with the browser camera in Colab (JavaScript); returns an RGB PIL image."""
     import base64
