@@ -84,7 +84,10 @@ def one_line_errors() -> bool:
         return False
 
     def short(shell, etype, value, tb, tb_offset=None):
-        return [f"{etype.__name__}: {value}"]
+        # IPython hands the error to this handler and shows nothing itself
+        stb = [f"{etype.__name__}: {value}"]
+        shell._showtraceback(etype, value, stb)
+        return stb
 
     shell.set_custom_exc((ASIFInputError,), short)
     return True
