@@ -350,7 +350,7 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
     import json
     import os
     import asif_core as ac
-    from asif.metrics import results_table
+    from asif.metrics import headline_row, results_table
     from asif.pipeline import rows_from_result
     lines = []
     for path in results:
@@ -358,13 +358,13 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
         p = res["params"]
         rows = rows_from_result(res)
         chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
-        head = res.get("headline", {})
+        top = headline_row(rows)  # as the JSON's metrics, also for results written before they were
         majority = p.get("majority_class_rate")
         lines += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
                   f"{p.get('image_encoder')} + {p.get('text_encoder')}, k = {p.get('non_zeros')}, "
                   f"reduce = {p.get('reduce')}, top-1 accuracy on {p.get('n_test', '?')} test images. "
-                  f"Headline (all {head.get('n_anchors', '?')} anchors, p = {head.get('exponent', '?'):g}): "
-                  f"**{100 * res['metrics']['acc1']:.1f}%**; chance {100 * chance:.0f}%"
+                  f"Headline (all {top['n_anchors']} anchors, p = {top['exponent']:g}): "
+                  f"**{100 * top['acc1']:.1f}%**; chance {100 * chance:.0f}%"
                   + (f", majority class {100 * majority:.0f}%" if majority is not None else "")
                   + f". Wall time of this evaluation {res.get('wall_time_s', '?')} s.", ""]
         link = link_figure(path.with_name(path.name.replace("zero_shot_", "fig5_").replace(".json", ".png")))

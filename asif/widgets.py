@@ -104,7 +104,7 @@ def wrap(text: str, width: int, lines: int = 3) -> str:
     """``text`` broken at word boundaries into at most ``lines`` lines of about ``width``
     characters, an ellipsis ending the last when there is more."""
     return "\n".join(textwrap.wrap(" ".join(str(text).split()), width, max_lines=lines, placeholder=" \u2026",
-                                   break_long_words=False, break_on_hyphens=False)) or ""
+                                   break_long_words=False, break_on_hyphens=False))
 
 
 def similarity_label(value: float) -> str:
@@ -413,10 +413,10 @@ def plot_anchor_samples(anchors, n: int = 8, seed: int = 0):
     import matplotlib.pyplot as plt
     n = min(n, len(anchors))
     pick = np.random.default_rng(seed).choice(len(anchors), size=n, replace=False)
-    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(1.9 * n, 2.9), squeeze=False)
     for ax, i in zip(axes[0], pick):
         ax.imshow(anchors.thumbnail(int(i), 128))
-        ax.set_title(wrap(anchors.captions[i], 20, 4), fontsize=7)
+        ax.set_title(wrap(anchors.captions[i], 18, 4), fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     return fig
