@@ -453,9 +453,8 @@ def _add_run_commands(sub) -> None:
                         "dataset's own; one argument that names a file reads one name per line")
     p.add_argument("--templates", nargs="+", metavar="TEMPLATE", default=None,
                    help="prompt templates with {c} for the class name, e.g. 'a photo of a {c}.' (the article "
-                        "before {c} agrees with the name: an apple, trousers), in place of the dataset's own "
-                        "(a folder's: 'a photo of a {c}.' 'a photo of the {c}.'); one argument that names a "
-                        "file reads one template per line")
+                        "agrees: an apple, trousers), in place of the dataset's own; one argument that names a "
+                        "file reads one per line")
     p.add_argument("--anchors", default="clipart+tuxpaint", metavar="SET",
                    help="coupled image-caption anchors: clipart, tuxpaint (offline, Debian packages), "
                         "fashion-mnist-train (in-domain captions), captions:FILE.csv|jsonl (image path and caption "
