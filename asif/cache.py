@@ -128,13 +128,16 @@ def _finished_shard(folder: Path, i: int) -> dict | None:
 def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Sequence[str],
                  name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
                  batch_size: int = 64, progress: bool = True, verify: bool = True,
-                 captions: Sequence[str] | None = None, labels: np.ndarray | None = None) -> EmbeddingSet:
+                 captions: Sequence[str] | None = None, labels: np.ndarray | None = None,
+                 former_names: Sequence[str] = ()) -> EmbeddingSet:
     """Embed ``items`` (images: PIL/paths/bytes; text: strings) into a cached embedding set.
 
     Returns the set: ``array`` float32 [n, encoder.dim] (memory-mapped);
     unreadable images are zero rows listed under ``manifest["failed"]``
     (``ok`` is False there). ``verify`` checks the shards on a cache hit and
-    recomputes any that no longer match.
+    recomputes any that no longer match. ``former_names``: names this set was
+    cached under before; a complete set with the same key found there is
+    moved to ``name``.
     """
     if kind not in ("image", "text"):
         raise DataError(f"kind must be 'image' or 'text', not {kind!r}")
@@ -144,7 +147,9 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     if n == 0:
         raise DataError(f"{name}: nothing to embed")
     key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
-    folder = cache_root(root) / "embeddings" / storage.slug(name) / f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    leaf = f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    folder = cache_root(root) / "embeddings" / storage.slug(name) / leaf
+    _adopt_former(folder, [cache_root(root) / "embeddings" / storage.slug(n) / leaf for n in former_names], key)
     starts = list(range(0, n, shard_rows))
     manifest_path = folder / "manifest.json"
     if manifest_path.exists():
@@ -156,7 +161,7 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     folder.mkdir(parents=True, exist_ok=True)
     records = {i: _finished_shard(folder, i) for i in range(len(starts))}
     done = sum(min(shard_rows, n - s) for i, s in enumerate(starts) if records[i])
-    with progress_bar(n, f"{kind} {name} {encoder.name}", progress, initial=done) as bar:
+    with progress_bar(n, f"embed {name} {kind}s ({encoder.name})", progress, initial=done) as bar:
         for i, start in enumerate(starts):
             if records[i]:
                 continue
@@ -179,6 +184,18 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
         storage.atomic_save_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
     storage.atomic_write_json(manifest_path, manifest)  # last: a folder with a manifest is complete
     return storage.load_embedding_set(folder)
+
+
+def _adopt_former(folder: Path, former: Sequence[Path], key: str) -> None:
+    """Move a complete set with this ``key`` from a former folder to ``folder`` (unless it exists)."""
+    if folder.exists():
+        return
+    for old in former:
+        manifest = old / "manifest.json"
+        if old != folder and manifest.exists() and json.loads(manifest.read_text()).get("cache_key") == key:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old, folder)
+            return
 
 
 def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_size: int) -> None:
@@ -336,14 +353,18 @@ def load_eval_embeddings(dataset: str | EvalDataset, image_encoder=DEFAULT_IMAGE
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, split, limit, seed)
     image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
+    split = dataset.identity.get("split")
+    # Image folders used to be cached under the loader's name alone ("imagefolder-"):
+    # a set found there moves to the folder's own name; the keys never changed.
+    loader = dataset.identity.get("dataset", dataset.name)
     emb = embed_cached(image_encoder, dataset.images, kind="image", dataset=dataset.identity, ids=dataset.ids,
-                       name=f"{dataset.name}-{dataset.identity.get('split', '')}", root=root, progress=progress,
-                       batch_size=batch_size, labels=dataset.labels)
+                       name=f"{dataset.name}-{split}" if split else dataset.name, root=root, progress=progress,
+                       batch_size=batch_size, labels=dataset.labels, former_names=[f"{loader}-{split or ''}"])
     prompts = dataset.prompts()
     pemb = embed_cached(text_encoder, prompts, kind="text", ids=[f"prompt/{i}" for i in range(len(prompts))],
-                        dataset={"prompts": dataset.name, "classnames": dataset.classnames,
-                                 "templates": dataset.templates},
-                        name=f"{dataset.name}-prompts", root=root, progress=False, batch_size=batch_size)
+                        dataset={"prompts": loader, "classnames": dataset.classnames, "templates": dataset.templates},
+                        name=f"{dataset.name}-prompts", root=root, progress=False, batch_size=batch_size,
+                        former_names=[f"{loader}-prompts"])
     ok = emb.ok
     return EvalEmbeddings(np.asarray(emb.array)[ok], dataset.labels[ok], np.asarray(pemb.array),
                           dataset.classnames, dataset.templates, dataset, emb.manifest.get("failed", []))
