@@ -296,7 +296,8 @@ def cmd_eval(args) -> int:
     if args.plot:
         from asif.widgets import plot_accuracy_vs_anchors
         fig = plot_accuracy_vs_anchors(run.rows, run.chance, title=f"{args.dataset}: {args.image_encoder} + "
-                                       f"{args.text_encoder}, anchors {args.anchors}")
+                                       f"{args.text_encoder}, anchors {args.anchors}",
+                                       majority=run.result["params"]["majority_class_rate"])
         fig.savefig(args.plot, dpi=120)
     return 0
 

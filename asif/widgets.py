@@ -116,20 +116,26 @@ def similarity_label(value: float) -> str:
 
 
 def plot_accuracy_vs_anchors(rows: Sequence[dict], chance: float, clip_acc: float | None = None,
-                             title: str = "", metric: str = "acc1"):
-    """Paper Fig. 5: accuracy against the number of anchors (log x), one curve per exponent.
+                             title: str = "", metric: str = "acc1", majority: float | None = None,
+                             curve: str = "exponent"):
+    """Paper Fig. 5: accuracy against the number of anchors (log x), one curve per exponent
+    (``curve="non_zeros"``: one per k, the k ablation).
 
-    The title gets a second line with k, the exponents and reduce (from the
+    Chance and, when given, the majority-class rate are drawn as lines. The
+    title gets a second line with k, the exponents and reduce (from the
     rows); the x axis has a tick at every count and ends at the last point.
     """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     exponents = sorted({r["exponent"] for r in rows}, reverse=True)
-    for p in exponents:
-        pts = sorted((r["n_anchors"], r[metric]) for r in rows if r["exponent"] == p)
-        ax.plot([n for n, _ in pts], [100 * a for _, a in pts], marker="o", label=f"ASIF, p = {p:g}")
+    name = {"exponent": "p", "non_zeros": "k"}[curve]
+    for v in sorted({r[curve] for r in rows}, reverse=curve == "exponent"):
+        pts = sorted((r["n_anchors"], r[metric]) for r in rows if r[curve] == v)
+        ax.plot([n for n, _ in pts], [100 * a for _, a in pts], marker="o", label=f"ASIF, {name} = {v:g}")
     ax.axhline(100 * chance, color="grey", linestyle=":", label=f"chance ({100 * chance:.0f}%)")
+    if majority is not None:
+        ax.axhline(100 * majority, color="grey", linestyle="-.", label=f"majority class ({100 * majority:.0f}%)")
     if clip_acc is not None:
         ax.axhline(100 * clip_acc, color="black", linestyle="--", label="CLIP baseline")
     counts = sorted({r["n_anchors"] for r in rows})

@@ -163,6 +163,14 @@ def test_accuracy_plot_curves_title_and_axis():
     lo, hi = ax.get_xlim()
     assert 300 < hi < 300 * 1.2 and 64 / 1.2 < lo < 64
     assert [float(t) for t in ax.get_xticks()] == [64, 128, 300]
+    # the k ablation: one curve per k, and the majority-class rate as a line
+    ablation = [dict(r, non_zeros=k, acc1=r["acc1"] + k / 1000) for k in (100, 800) for r in rows if r["exponent"] == 8]
+    fig = widgets.plot_accuracy_vs_anchors(ablation, chance=0.1, majority=0.25, curve="non_zeros")
+    curves = {line.get_label(): np.asarray(line.get_ydata(), dtype=float).tolist() for line in fig.axes[0].get_lines()}
+    assert curves["ASIF, k = 100"] == pytest.approx([30.0, 40.0, 45.0])
+    assert curves["ASIF, k = 800"] == pytest.approx([100.0, 110.0, 115.0])
+    assert curves["majority class (25%)"] == [25.0, 25.0]
+    assert fig.axes[0].get_title() == "k = 100, 800   p = 8   reduce = max"
 
 
 def test_similarity_heatmap_labels_show_weak_scores():
