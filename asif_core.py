@@ -24,7 +24,6 @@ on the compute device.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,16 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ASIFInputError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ASIFInputError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ASIFInputError(f"device={device!r}: CUDA is not available on this machine; use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ASIFInputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ASIFInputError(f"device={device!r}: MPS is not available on this machine; use device='cpu' or 'auto'")
     return dev
 
 
@@ -170,6 +176,10 @@ def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = Tru
     if dim is not None and shape[1] != dim:
         raise ASIFInputError(f"{name}: has dim {shape[1]} but {dim} was expected; "
                              f"queries must come from the same encoder as the anchors of that modality")
+    dtype = getattr(x, "dtype", None)  # checked here, before any block is read or converted
+    if dtype is not None and not (dtype.is_floating_point if isinstance(dtype, torch.dtype)
+                                  else np.issubdtype(np.dtype(dtype), np.floating)):
+        raise ASIFInputError(f"{name}: dtype {dtype} is not floating point; pass float embeddings")
     if full_scan:
         _check_values(x if torch.is_tensor(x) else np.asarray(x), name, 0)
 
@@ -206,6 +216,8 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int) -> torch.Te
     A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
     one pass finds both without a separate scan of the (maybe huge) anchors.
     """
+    if isinstance(raw, np.ndarray) and not raw.dtype.isnative:  # a .npy saved big-endian: torch reads native only
+        raw = raw.astype(raw.dtype.newbyteorder("="))
     t = torch.from_numpy(np.array(raw, copy=not (isinstance(raw, np.ndarray) and raw.flags.writeable
                                                    and raw.flags.c_contiguous))) if not torch.is_tensor(raw) else raw
     if not t.is_floating_point():
@@ -259,8 +271,8 @@ def _check_classes(n_prompts: int, n_classes) -> int:
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
         raise ASIFInputError(f"n_classes={n_classes!r}: must be a positive integer; an empty class list cannot be classified")
     if n_prompts % n_classes:
-        raise ASIFInputError(f"{n_prompts} prompts do not split into {n_classes} classes; prompts are class-major, "
-                             f"T templates per class, so their count must be n_classes * T")
+        raise ASIFInputError(f"prompts: {n_prompts} rows do not split into n_classes={n_classes} classes; prompts are "
+                             f"class-major, T templates per class, so their count must be C * T")
     return int(n_prompts // n_classes)
 
 
@@ -700,19 +712,19 @@ class ASIF:
     def n_anchors(self) -> int:
         return int(_shape(self.anchor_images)[0])
 
-    def _represent(self, x, anchors, name) -> RelativeRepresentation:
+    def _represent(self, x, anchors, name, anchor_name) -> RelativeRepresentation:
         check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False)
-        job = StreamJob(anchors, name, _normalized_block(x, self.compute, name, 0))
+        job = StreamJob(anchors, anchor_name, _normalized_block(x, self.compute, name, 0))
         top, = _stream([job], self.non_zeros, [self.n_anchors], self.compute)[0]
         return sharpen(top, self.exponent)
 
     def image_representation(self, images) -> RelativeRepresentation:
         """r(x) for images [Q, d1]."""
-        return self._represent(images, self.anchor_images, "images")
+        return self._represent(images, self.anchor_images, "images", "anchor_images")
 
     def text_representation(self, texts) -> RelativeRepresentation:
         """r(t) for texts [Q, d2]."""
-        return self._represent(texts, self.anchor_texts, "texts")
+        return self._represent(texts, self.anchor_texts, "texts", "anchor_texts")
 
     def similarity(self, images, texts) -> np.ndarray:
         """[Q_img, Q_txt] ASIF similarity of image embeddings [Q_img, d1] and text embeddings [Q_txt, d2]."""
@@ -795,9 +807,9 @@ class ASIF:
         path = folder / "manifest.json"
         if not path.exists():
             raise ASIFInputError(f"{folder}: no manifest.json; not an anchor set folder (write one with ASIF.save)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != ANCHOR_SET_FORMAT:
-            raise ASIFInputError(f"{folder}: format {manifest.get('format')!r} is not {ANCHOR_SET_FORMAT!r}")
+        manifest = storage.read_json(path)  # names the file when it is truncated or not JSON
+        if not isinstance(manifest, dict) or manifest.get("format") != ANCHOR_SET_FORMAT:
+            raise ASIFInputError(f"{folder}: manifest.json is not that of an anchor set ({ANCHOR_SET_FORMAT!r})")
         img = storage.load_embedding_set(folder / "image", verify)
         txt = storage.load_embedding_set(folder / "text", verify)
         params = {"non_zeros": manifest["non_zeros"], "exponent": manifest["exponent"], **kwargs}

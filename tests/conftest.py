@@ -191,3 +191,40 @@ def published(tmp_path, server):
     data["embeddings"]["mine"]["source"] = {"url": server.url + "/mine.tar"}
     registry.write_text(json.dumps(data))
     return registry, array, tmp_path / "cache"
+
+
+class _FullFile:
+    """A file object whose writes fail with ENOSPC once ``room`` bytes are written: a full disk."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        self._room -= len(data)
+        if self._room < 0:
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(room)``: from now on, files that asif.storage writes hit a full disk after
+    ``room`` bytes, and the disk reports that little free space."""
+    import shutil
+    from asif import storage
+
+    def fill(room: int = 0):
+        real = os.fdopen
+        monkeypatch.setattr(storage.os, "fdopen", lambda fd, *a, **k: _FullFile(real(fd, *a, **k), room))
+        monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - room, room))
+    return fill
