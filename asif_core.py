@@ -161,11 +161,12 @@ def _shape(x) -> tuple:
     return tuple(getattr(x, "shape", ()))
 
 
-def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = True) -> None:
+def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = True, against: str = "") -> None:
     """Raise ASIFInputError unless ``x`` is [rows, dim], non-empty, finite, no all-zero row.
 
     ``full_scan=False`` checks only the shape; the values of a large memmap
-    are then checked block by block while they are streamed.
+    are then checked block by block while they are streamed. ``against``
+    names the array that ``dim`` comes from (either may be the wrong one).
     """
     shape = _shape(x)
     if len(shape) != 2:
@@ -174,7 +175,7 @@ def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = Tru
     if shape[0] == 0 or shape[1] == 0:
         raise ASIFInputError(f"{name}: empty array of shape {shape}; give at least one row")
     if dim is not None and shape[1] != dim:
-        raise ASIFInputError(f"{name}: has dim {shape[1]} but {dim} was expected; "
+        raise ASIFInputError(f"{name}: has dim {shape[1]} but {against or 'the anchors'} has dim {dim}; "
                              f"queries must come from the same encoder as the anchors of that modality")
     dtype = getattr(x, "dtype", None)  # checked here, before any block is read or converted
     if dtype is not None and not (dtype.is_floating_point if isinstance(dtype, torch.dtype)
@@ -477,7 +478,7 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
     k = _check_k(non_zeros)
     compute = Compute.of(device, dtype, block_size, memory_budget, progress)
     check_embeddings(anchors, "anchors", full_scan=False)
-    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False)  # values: when normalised
+    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")  # values: when normalised
     counts = _check_counts(_shape(anchors)[0], anchor_counts)
     job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0))
     return _stream([job], k, counts, compute)[0]
@@ -611,8 +612,8 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     compute = Compute.of(device, dtype, block_size, memory_budget, progress)
     check_anchors(anchor_images, anchor_texts, full_scan=False)
     # values are checked (NaN, zero rows) in the same pass that normalises them
-    check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False)
-    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1], full_scan=False)
+    check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False, against="anchor_images")
+    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1], full_scan=False, against="anchor_texts")
     _check_classes(_shape(prompts)[0], n_classes)
     if labels is not None:
         check_labels(labels, _shape(images)[0], n_classes)
@@ -713,7 +714,7 @@ class ASIF:
         return int(_shape(self.anchor_images)[0])
 
     def _represent(self, x, anchors, name, anchor_name) -> RelativeRepresentation:
-        check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False)
+        check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False, against=anchor_name)
         job = StreamJob(anchors, anchor_name, _normalized_block(x, self.compute, name, 0))
         top, = _stream([job], self.non_zeros, [self.n_anchors], self.compute)[0]
         return sharpen(top, self.exponent)
@@ -754,8 +755,10 @@ class ASIF:
     def add_anchors(self, anchor_images, anchor_texts, captions: Sequence[str] | None = None) -> "ASIF":
         """Append coupled pairs [n, d1], [n, d2]; the existing anchors are kept as they are."""
         check_anchors(anchor_images, anchor_texts)
-        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1], full_scan=False)
-        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1], full_scan=False)
+        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1], full_scan=False,
+                         against="the model's anchor images")
+        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1], full_scan=False,
+                         against="the model's anchor texts")
         if (captions is None) != (self.captions is None):
             raise ASIFInputError("captions: give captions for the new pairs exactly when the model has captions")
         if captions is not None and len(captions) != _shape(anchor_images)[0]:

@@ -250,6 +250,10 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     if labels is not None:
         storage.atomic_save_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
     storage.atomic_write_json(manifest_path, manifest)  # last: a folder with a manifest is complete
+    verified = storage.VerifiedShards(folder)  # every shard was hashed just now: the next hit need not
+    for shard in manifest["shards"]:
+        verified.record(folder / shard["file"], shard["sha256"])
+    verified.save()
     return storage.load_embedding_set(folder)
 
 

@@ -275,7 +275,7 @@ def verify_cache(root=None, repair: bool = True, progress: bool = True) -> list[
     with progress_bar(len(sets), "verify", progress, unit="set") as bar:
         for kind, folder, rel in sets:
             damaged = storage.verify_folder(folder)
-            shards = sorted(folder.glob("embeddings-*.npy"))
+            shards = [p.stat().st_size for p in folder.glob("embeddings-*.npy")]
             action = ""
             if damaged and kind == "embeddings":
                 action = "removed; the next run that uses this set recomputes them" if repair else "not repaired"
@@ -286,7 +286,7 @@ def verify_cache(root=None, repair: bool = True, progress: bool = True) -> list[
                 action = f"`asif fetch {name}` unpacks it again" if repair else "not repaired"
                 if repair:
                     registry.forget(base / kind / name)
-            report.append({"folder": folder, "shards": len(shards), "bytes": sum(p.stat().st_size for p in shards),
+            report.append({"folder": folder, "shards": len(shards), "bytes": sum(shards),
                            "damaged": damaged, "action": action})
             bar.update(1)
     return report

@@ -123,7 +123,8 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         if isinstance(e, OSError) and not isinstance(e, tarfile.TarError) and e.errno is not None:
             raise  # a fault of the disk, not of the archive (handled by the caller)
         raise FetchError("archive", f"{archive}: its sha256 matches the registry but it is not a valid tar archive "
-                                    f"({e or type(e).__name__}); the registry entry is wrong, tell its publisher") \
+                                    f"({' '.join(str(e).split()) or type(e).__name__}); the registry entry is wrong, "
+                                    "tell its publisher") \
             from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -97,7 +97,8 @@ class Server:
     """Serves ``files`` {path: bytes} on 127.0.0.1 with Range support.
 
     ``mode``: ok | html (a Drive quota page) | 404 | truncate (sends half,
-    announces all) | corrupt (first bytes flipped).
+    announces all) | corrupt (first bytes flipped) | norange (ignores Range:
+    always the whole file, status 200).
     """
 
     def __init__(self):
@@ -127,7 +128,7 @@ class Server:
                     body = bytes(b ^ 0xFF for b in body[:64]) + body[64:]
                 start, status = 0, 200
                 rng = self.headers.get("Range")
-                if rng and rng.startswith("bytes="):
+                if rng and rng.startswith("bytes=") and server.mode != "norange":
                     start, status = int(rng[6:].split("-")[0]), 206
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-tar")
