@@ -27,7 +27,7 @@ import numpy as np
 from asif.config import DATA_DIR, cache_root, smoke_limit
 from asif.errors import DataError, MissingDataError, OfflineError
 from asif.images import IMAGE_EXTENSIONS, LazyImages, load_image, subset_images
-from asif.storage import atomic_write, printable, sha256_text
+from asif.storage import atomic_write, make_folder, printable, sha256_text
 
 __all__ = ["DATASETS", "EvalDataset", "load_dataset", "load_classnames", "load_templates", "read_idx",
            "seeded_subset", "file_id", "torchvision_images", "FASHION_MNIST_DIR"]
@@ -142,7 +142,7 @@ def _fashion_mnist_download(folder: Path, files: Iterable[str], base_url: str) -
     """Fetch the IDX archives from the public source into ``folder``, checking their content sha256."""
     import urllib.error
     import urllib.request
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for name in files:
         target = folder / name
         if target.exists():
@@ -205,7 +205,7 @@ def _torchvision(name: str, split: str) -> EvalDataset:
     except ImportError:
         raise MissingDataError(f"{name} needs torchvision: pip install torchvision")
     root = cache_root() / "datasets" / "torchvision"
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     train = split == "train"
     try:
         if name == "cifar10":

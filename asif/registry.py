@@ -80,7 +80,7 @@ def _describe(source: dict) -> str:
 def _move_aside(path: Path, why: str) -> Path:
     """Keep a bad download for inspection, under a name that is never used as the archive."""
     bad = path.parent / "rejected" / f"{path.name}.{why}.{time.strftime('%Y%m%d-%H%M%S')}"
-    bad.parent.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(bad.parent)
     os.replace(path, bad)
     return bad
 
@@ -102,7 +102,7 @@ def _safe_extract(archive: Path, dest: Path) -> None:
     """Unpack into a temporary folder, refusing links and paths outside it, then rename into place."""
     tmp = dest.with_name(dest.name + ".unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    storage.make_folder(tmp)
     try:
         with tarfile.open(archive, "r:*") as tar:
             for m in tar.getmembers():
@@ -156,7 +156,7 @@ def fetch(name: str, registry: str | os.PathLike | None = None, root: str | os.P
     if _fetched_sha(marker) == expected:
         return dest
     downloads = base / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(downloads)
     archive = downloads / f"{storage.slug(name)}.tar"
     if not (archive.exists() and sha256_file(archive) == expected):
         _fetch_archive(name, source, expected, size, archive, progress, timeout)

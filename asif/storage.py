@@ -432,7 +432,7 @@ def save_embedding_set(folder: str | os.PathLike, array, meta: dict | None = Non
         raise ASIFInputError(f"save_embedding_set: {len(captions)} captions for {n} embeddings; give one caption per row")
     if labels is not None and len(labels) != n:
         raise ASIFInputError(f"save_embedding_set: {len(labels)} labels for {n} embeddings; give one label per row")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     shards = []
     for i, start in enumerate(range(0, max(n, 1), shard_rows)):
         block = np.asarray(array[start:start + shard_rows])

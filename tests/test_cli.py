@@ -537,3 +537,27 @@ def test_data_verify_finds_and_removes_damage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "embeddings-00001.npy; removed; the next run that uses this set recomputes them" in out
     assert "1 damaged files" in out and not (e.folder / "embeddings-00001.npy").exists()
+
+
+def test_eval_prints_what_it_left_out(tmp_path, monkeypatch, capsys):
+    """A user's folder and captions file with an unreadable test image, an unreadable anchor image and
+    a caption that is null: the run goes on, and the console says what was left out and why."""
+    from conftest import write_images
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path / "cache"))
+    for cls in ("red", "blue"):
+        write_images(tmp_path / "test" / cls, 3)
+    (tmp_path / "test" / "blue" / "img001.png").write_bytes(b"not a png")
+    pics = write_images(tmp_path / "pics", 6)
+    pics[2].write_bytes(b"")
+    rows = [{"image": str(p), "caption": None if i == 4 else f"a picture number {i}"} for i, p in enumerate(pics)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, fig = tmp_path / "r.json", tmp_path / "fig.svg"
+    argv = ["eval", "--dataset", f"imagefolder:{tmp_path / 'test'}", "--anchors", f"captions:{tmp_path / 'pairs.jsonl'}",
+            "--non-zeros", "2", "--anchor-counts", "2", "4", "--quiet", "--out", str(out), "--plot", str(fig)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ("left out: 1 test images unreadable; 1 anchor pairs with an unreadable image; "
+            "1 anchor items skipped while listing (caption missing (null): 1)") in printed
+    params = json.loads(out.read_text())["params"]
+    assert params["dropped_test_images"] == 1 and params["dropped_anchor_pairs"] == 1 and params["n_test"] == 5
+    assert fig.read_text().lstrip().startswith(("<?xml", "<svg")), "the figure in the format its name asks for"
