@@ -478,7 +478,8 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
     k = _check_k(non_zeros)
     compute = Compute.of(device, dtype, block_size, memory_budget, progress)
     check_embeddings(anchors, "anchors", full_scan=False)
-    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")  # values: when normalised
+    # values: when normalised
+    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")
     counts = _check_counts(_shape(anchors)[0], anchor_counts)
     job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0))
     return _stream([job], k, counts, compute)[0]

@@ -42,8 +42,8 @@ from asif.errors import DataError, StorageError
 from asif.images import load_image, subset_images
 from asif.storage import EmbeddingSet, sha256_text
 
-__all__ = ["cache_key", "embed_cached", "invalidate_damaged", "AnchorEmbeddings", "EvalEmbeddings", "load_anchor_embeddings",
-           "load_eval_embeddings"]
+__all__ = ["cache_key", "embed_cached", "invalidate_damaged", "AnchorEmbeddings", "EvalEmbeddings",
+           "load_anchor_embeddings", "load_eval_embeddings"]
 
 CACHE_FORMAT = "asif-cache/1"
 

@@ -31,7 +31,8 @@ def check_labels(labels, n_queries: int, n_classes: int) -> torch.Tensor:
     if a.dtype.kind == "f" and not (np.isfinite(a) & (a == np.round(a))).all():
         raise ASIFInputError("labels: must be integer class indices (found fractions, NaN or inf)")
     if n_queries and (a.min() < 0 or a.max() >= n_classes):  # checked before the cast: 1e30 must not wrap around
-        raise ASIFInputError(f"labels: values must lie in 0..{n_classes - 1}, got {float(a.min()):g}..{float(a.max()):g}")
+        raise ASIFInputError(f"labels: values must lie in 0..{n_classes - 1}, "
+                             f"got {float(a.min()):g}..{float(a.max()):g}")
     return torch.as_tensor(a.astype(np.int64))  # native byte order too: torch reads no other
 
 

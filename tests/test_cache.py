@@ -120,19 +120,24 @@ C.embed_cached(enc, [f"caption number {{i}}" for i in range(64)], kind="text", d
 """
 
 
-def test_killed_run_resumes_from_complete_shards(tmp_path):
-    cache = tmp_path / "killed"
-    script = KILL_SCRIPT.format(cache=str(cache))
+def kill_when(script: str, cache: Path, pattern: str, count: int, timeout: float = 60) -> int:
+    """Run ``script`` in a process of its own and kill -9 it once ``count`` files under ``cache``
+    match ``pattern``; return how many match then."""
     env = dict(os.environ, PYTHONPATH=str(HERE))  # the fake encoder lives in conftest
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
-    deadline = time.time() + 30
+    deadline = time.time() + timeout
     try:
-        while time.time() < deadline and len(list(cache.rglob(".progress/*.json"))) < 3:
+        while time.time() < deadline and len(list(cache.rglob(pattern))) < count:
             time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = len(list(cache.rglob(".progress/*.json")))
+    return len(list(cache.rglob(pattern)))
+
+
+def test_killed_run_resumes_from_complete_shards(tmp_path):
+    cache = tmp_path / "killed"
+    done = kill_when(KILL_SCRIPT.format(cache=str(cache)), cache, ".progress/*.json", 3, timeout=30)
     assert 3 <= done < 8, f"the run should have been killed mid-way ({done} shards done)"
     assert not list(cache.rglob("manifest.json")), "no manifest before the run completes"
     enc = FakeEncoder("text")
@@ -222,17 +227,8 @@ def test_a_run_smaller_than_one_shard_resumes_from_its_checkpoints(tmp_path, kin
     else:
         items = [f"caption number {i}" for i in range(60)]
     cache = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    proc = subprocess.Popen([sys.executable, "-c", KILL_IN_SHARD_SCRIPT.format(kind=kind, items=items, cache=str(cache))],
-                            start_new_session=True, env=env)
-    deadline = time.time() + 60
-    try:
-        while time.time() < deadline and len(list(cache.rglob(".progress/00000.part-*.json"))) < 4:
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    chunks = len(list(cache.rglob(".progress/00000.part-*.json")))
+    script = KILL_IN_SHARD_SCRIPT.format(kind=kind, items=items, cache=str(cache))
+    chunks = kill_when(script, cache, ".progress/00000.part-*.json", 4)
     assert 4 <= chunks < 15, f"the run should have been killed inside its only shard ({chunks} chunks done)"
     assert not list(cache.rglob("manifest.json")) and not list(cache.rglob("embeddings-00000.npy"))
     enc = FakeEncoder(kind)
