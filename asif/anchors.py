@@ -29,14 +29,14 @@ from typing import Sequence
 
 import numpy as np
 
+from asif import debian
 from asif.config import smoke_limit
 from asif.datasets import fashion_mnist, file_id
-from asif.errors import DataError, MissingDataError
+from asif.errors import DataError
 from asif.images import LazyImages, load_image, render_svg
 from asif.storage import printable, read_text, sha256_file, sha256_text
 
-__all__ = ["ANCHOR_SETS", "CoupledData", "AnchorSet", "load_anchor_set", "svg_caption", "read_tuxpaint_text",
-           "OPENCLIPART_DIR", "TUXPAINT_DIR"]
+__all__ = ["ANCHOR_SETS", "CoupledData", "AnchorSet", "load_anchor_set", "svg_caption", "read_tuxpaint_text"]
 
 
 @dataclass
@@ -47,7 +47,9 @@ class CoupledData:
     ``captions``: N strings; ``ids``: N strings that change when an item does;
     ``identity``: JSON-able, part of cache keys; ``translations``: per item
     {language: caption} where the source has them; ``skipped``: items left out
-    while listing, with the reason.
+    while listing, with the reason; ``keys``: N item keys shared with test
+    sets read from the same package (asif.debian.item_key), None where no
+    test set can come from this source.
     """
     name: str
     images: Sequence
@@ -56,6 +58,7 @@ class CoupledData:
     identity: dict
     translations: list[dict] | None = None
     skipped: list[dict] = field(default_factory=list)
+    keys: list[str] | None = None
 
     def __len__(self):
         return len(self.captions)
@@ -70,8 +73,9 @@ class AnchorSet:
     [N, 2] rows of (part, item within part).
     """
 
-    def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray):
+    def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray, removed: int = 0):
         self.name, self.parts, self.order = name, parts, np.asarray(order, dtype=np.int64).reshape(-1, 2)
+        self.removed = removed  # pairs left out because a test set holds the same items
 
     def __len__(self):
         return len(self.order)
@@ -111,7 +115,17 @@ class AnchorSet:
         """The first ``n`` anchors of the order (all when None)."""
         if n is None or n >= len(self):
             return self
-        return AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n])
+        return AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n], self.removed)
+
+    def without(self, keys) -> "AnchorSet":
+        """The anchors minus every pair whose item is in ``keys`` (the item keys of a test set read
+        from the same package); the order of the rest is kept, ``removed`` counts what left."""
+        keys = set(keys or ())
+        if not keys:
+            return self
+        drop = np.array([self.parts[p].keys is not None and self.parts[p].keys[j] in keys for p, j in self.order],
+                        dtype=bool)
+        return AnchorSet(self.name, self.parts, self.order[~drop], self.removed + int(drop.sum()))
 
     @property
     def skipped(self) -> list[dict]:
@@ -120,7 +134,6 @@ class AnchorSet:
 
 # --- clip-art (openclipart-svg) ------------------------------------------------
 
-OPENCLIPART_DIR = Path("/usr/share/openclipart/svg")
 _DC = {name: re.compile(rf"<dc:{name}[^>]*>(.*?)</dc:{name}>", re.S) for name in ("title", "description", "subject")}
 _LI = re.compile(r"<rdf:li[^>]*>(.*?)</rdf:li>", re.S)
 _TAG = re.compile(r"<[^>]+>")
@@ -158,15 +171,9 @@ def svg_caption(path: str | os.PathLike) -> str:
 
 
 def _clipart(root: Path | None = None, size: int = 224) -> CoupledData:
-    root = Path(root or os.environ.get("ASIF_OPENCLIPART_DIR") or OPENCLIPART_DIR)
-    if not root.is_dir():
-        raise MissingDataError(f"clipart needs the Debian package openclipart-svg ({root} is missing). "
-                               "Install it: apt-get install openclipart-svg")
-    # The package links many drawings into several category folders: keep each real file once.
-    files = sorted(p for p in root.rglob("*.svg") if not p.is_symlink() and p.is_file())
-    captions, skipped = [], []
-    keep = []
-    for p in files:
+    root = debian.openclipart_root(root)
+    captions, skipped, keep = [], [], []
+    for p in debian.clipart_files(root):
         try:
             captions.append(svg_caption(p))
             keep.append(p)
@@ -176,12 +183,12 @@ def _clipart(root: Path | None = None, size: int = 224) -> CoupledData:
     images = LazyImages(len(keep), lambda i: render_svg(keep[i], size))
     identity = {"anchors": "clipart", "render": {"size": size, "background": "white", "renderer": "cairosvg"},
                 "files_sha256": sha256_text("\n".join(ids))}
-    return CoupledData("clipart", images, captions, ids, identity, skipped=skipped)
+    return CoupledData("clipart", images, captions, ids, identity, skipped=skipped,
+                       keys=[debian.item_key("clipart", root, p) for p in keep])
 
 
 # --- TuxPaint stamps -------------------------------------------------------------
 
-TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
 
 
 def read_tuxpaint_text(path: str | os.PathLike) -> tuple[str, dict]:
@@ -197,31 +204,45 @@ def read_tuxpaint_text(path: str | os.PathLike) -> tuple[str, dict]:
 
 
 def _tuxpaint(root: Path | None = None, size: int = 224) -> CoupledData:
-    root = Path(root or os.environ.get("ASIF_TUXPAINT_DIR") or TUXPAINT_DIR)
-    if not root.is_dir():
-        raise MissingDataError(f"tuxpaint needs the Debian package tuxpaint-stamps-default ({root} is missing). "
-                               "Install it: apt-get install tuxpaint-stamps-default")
+    root = debian.tuxpaint_root(root)
     images, captions, ids, translations, skipped = [], [], [], [], []
-    stems = sorted({p.with_suffix("") for p in root.rglob("*") if p.suffix in (".png", ".svg")})
-    for stem in stems:
-        png, svg, txt = stem.with_suffix(".png"), stem.with_suffix(".svg"), stem.with_suffix(".txt")
-        image = png if png.exists() else svg  # a PNG beside an SVG is the same stamp; PNG needs no rendering
-        rel = image.relative_to(root).as_posix()
-        if not txt.exists():  # mirrored variants and a few others have no description
+    for stamp in debian.tuxpaint_stamps(root):
+        rel = stamp.image.relative_to(root).as_posix()
+        if not stamp.text.exists():  # mirrored variants and a few others have no description
             skipped.append({"id": rel, "reason": "no .txt description"})
             continue
-        english, others = read_tuxpaint_text(txt)
+        english, others = read_tuxpaint_text(stamp.text)
         if not english:
             skipped.append({"id": rel, "reason": "empty description"})
             continue
-        images.append(image)
+        images.append(stamp.image)
         captions.append(english)
         translations.append(others)
-        ids.append(file_id(image, root) + "|" + file_id(txt, root))
+        ids.append(file_id(stamp.image, root) + "|" + file_id(stamp.text, root))
     lazy = LazyImages(len(images), lambda i: render_svg(images[i], size) if images[i].suffix == ".svg" else images[i])
     identity = {"anchors": "tuxpaint", "render": {"size": size, "background": "white"},
                 "files_sha256": sha256_text("\n".join(ids))}
-    return CoupledData("tuxpaint", lazy, captions, ids, identity, translations, skipped)
+    return CoupledData("tuxpaint", lazy, captions, ids, identity, translations, skipped,
+                       keys=[debian.item_key("tuxpaint", root, p) for p in images])
+
+
+# --- icons (npm @iconify/json) -----------------------------------------------------
+
+def _iconify(root=None) -> CoupledData:
+    """~55k distinct named icons; see asif.iconify for which ones and why."""
+    from asif import iconify
+    index = iconify.load_index(root)
+    records = index["icons"]
+    images = LazyImages(len(records), lambda i: iconify.icon_png(records[i], root))  # PNG bytes, rendered once
+    ids = [f"{r['prefix']}:{r['icon']}" for r in records]
+    identity = {"anchors": "iconify", "package": f"@iconify/json@{index['version']}", "integrity": index["integrity"],
+                "index_format": index["format"],
+                "render": {"canvas": iconify.CANVAS, "icon": iconify.ICON_SIZE, "colour": "black on white",
+                           "renderer": "cairosvg"},
+                # each anchor's set (its id's prefix), with the set's licence and author
+                "sets": {k: {"licence": v["license"].get("spdx"), "author": v["author"].get("name"),
+                             "icons": v["icons"]} for k, v in sorted(index["sets"].items())}}
+    return CoupledData("iconify", images, [r["name"] for r in records], ids, identity, keys=None)
 
 
 # --- Fashion-MNIST training split (in-domain) ------------------------------------
@@ -418,11 +439,13 @@ def _webdataset(pattern: str) -> CoupledData:
     return CoupledData(f"webdataset:{pattern}", LazyImages(len(refs), read), captions, ids, identity, skipped=skipped)
 
 
-ANCHOR_SETS = ("clipart", "tuxpaint", "fashion-mnist-train", "captions:FILE", "webdataset:PATTERN")
+ANCHOR_SETS = ("iconify", "clipart", "tuxpaint", "fashion-mnist-train", "captions:FILE", "webdataset:PATTERN")
 
 
 def _anchor_part(name: str) -> CoupledData:
     kind, _, arg = name.partition(":")
+    if kind == "iconify":
+        return _iconify()
     if kind == "clipart":
         return _clipart(arg or None)
     if kind == "tuxpaint":
@@ -436,10 +459,13 @@ def _anchor_part(name: str) -> CoupledData:
     raise DataError(f"unknown anchor set {name!r}; known: {', '.join(ANCHOR_SETS)}, combined with '+'")
 
 
-def load_anchor_set(name: str, limit: int | None = None, seed: int = 0) -> AnchorSet:
-    """Coupled anchors by name; ``a+b`` combines sets. The order is a seeded
-    permutation of all pairs (same seed, same order, on any machine);
-    ``limit`` keeps the first ``limit`` of that order (``ASIF_SMOKE=1``: a few hundred)."""
+def load_anchor_set(name: str, limit: int | None = None, seed: int = 0, exclude=None) -> AnchorSet:
+    """Coupled anchors by name; ``a+b`` combines sets.
+
+    The order is a seeded permutation of all pairs (same seed, same order,
+    on any machine). ``exclude``: item keys of a test set; those pairs leave
+    first (``removed`` counts them). ``limit`` then keeps the first ``limit``
+    of the order (``ASIF_SMOKE=1``: a few hundred)."""
     limit = smoke_limit(limit)
     parts = [_anchor_part(n.strip()) for n in name.split("+") if n.strip()]
     if not parts:
@@ -448,4 +474,7 @@ def load_anchor_set(name: str, limit: int | None = None, seed: int = 0) -> Ancho
     if len(pairs) == 0:
         raise DataError(f"anchor set {name!r} has no pairs")
     order = pairs[np.random.default_rng(seed).permutation(len(pairs))]
-    return AnchorSet(name, parts, order).head(limit)
+    anchors = AnchorSet(name, parts, order).without(exclude)
+    if len(anchors) == 0:
+        raise DataError(f"anchor set {name!r}: every pair is also in the test set; choose other anchors")
+    return anchors.head(limit)

@@ -323,39 +323,60 @@ class AnchorEmbeddings:
         """Image of anchor row ``i`` as a small RGB PIL image."""
         return self.anchor_set.thumbnail(int(self.index[i]), size)
 
+    @property
+    def sources(self) -> np.ndarray:
+        """int [N]: the part (source) of the anchor set each row comes from."""
+        return self.anchor_set.order[self.index, 0]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [p.name for p in self.anchor_set.parts]
+
 
 def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, root, progress, batch_size):
-    """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)] bool).
+    """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)], failed).
 
-    Embeds the whole part when all of it is asked for; for a prefix of a
-    larger order only the needed rows, so a small ``limit`` stays cheap."""
-    subset = len(rows) < len(part)
-    ids = [part.ids[j] for j in rows] if subset else part.ids
-    identity = dict(part.identity, rows=sha256_text(",".join(map(str, rows)))) if subset else part.identity
+    The whole part is embedded (and cached once for every use) when at
+    least half of it is asked for; a few rows of a large part (a small
+    ``limit``) are embedded alone, so that a smoke run stays cheap.
+    """
+    whole = 2 * len(rows) >= len(part)
+    ids = part.ids if whole else [part.ids[j] for j in rows]
+    identity = part.identity if whole else dict(part.identity, rows=sha256_text(",".join(map(str, rows))))
     if kind == "image":
-        items = subset_images(part.images, rows) if subset else part.images
-        captions = [part.captions[j] for j in rows] if subset else part.captions
+        items = part.images if whole else subset_images(part.images, rows)
+        captions = part.captions if whole else [part.captions[j] for j in rows]
     else:
-        items = [part.captions[j] for j in rows] if subset else part.captions
+        items = part.captions if whole else [part.captions[j] for j in rows]
         captions = None
     emb = embed_cached(encoder, items, kind=kind, dataset=identity, ids=ids, name=part.name, root=root,
                        progress=progress, batch_size=batch_size, captions=captions)
-    # not a subset means rows == arange(len(part)): the cached rows are already in order
-    return np.asarray(emb.array), emb.ok, emb.manifest.get("failed", [])
+    failed = emb.manifest.get("failed", [])
+    if not whole:  # the cached rows are the asked ones, in order
+        return np.asarray(emb.array), emb.ok, failed
+    if len(rows) == len(part):
+        return np.asarray(emb.array), emb.ok, failed
+    asked = set(rows.tolist())
+    return np.asarray(emb.array[rows[0]:rows[-1] + 1])[rows - rows[0]], emb.ok[rows], \
+        [f for f in failed if f["row"] in asked]
 
 
 def load_anchor_embeddings(anchor_set: str | AnchorSet, image_encoder=DEFAULT_IMAGE_ENCODER,
                            text_encoder=DEFAULT_TEXT_ENCODER, limit: int | None = None, seed: int = 0,
-                           root=None, progress: bool = True, batch_size: int = 64) -> AnchorEmbeddings:
+                           root=None, progress: bool = True, batch_size: int = 64,
+                           exclude=None) -> AnchorEmbeddings:
     """Aligned anchor embeddings for an anchor set (name or object) and two encoders
     (names or encoder objects), embedding through the cache what is not there yet.
 
+    ``exclude``: item keys of the test set (EvalDataset.keys); pairs holding
+    those items leave the anchors before ``limit`` is applied
+    (``anchor_set.removed`` counts them).
     Returns ``A_img`` float32 [N, d1], ``A_txt`` float32 [N, d2] in the set's
     seeded order, minus pairs whose image failed (dropped from both)."""
     if isinstance(anchor_set, str):
-        anchor_set = load_anchor_set(anchor_set, limit, seed)
+        anchor_set = load_anchor_set(anchor_set, limit, seed, exclude=exclude)
     else:
-        anchor_set = anchor_set.head(smoke_limit(limit))
+        anchor_set = anchor_set.without(exclude).head(smoke_limit(limit))
     image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
     A_img = np.zeros((len(anchor_set), image_encoder.dim), dtype=np.float32)
     A_txt = np.zeros((len(anchor_set), text_encoder.dim), dtype=np.float32)

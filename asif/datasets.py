@@ -24,7 +24,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from asif import debian
 from asif.config import DATA_DIR, cache_root, smoke_limit
+from asif.debian import FASHION_MNIST_DIR
 from asif.errors import DataError, MissingDataError, OfflineError
 from asif.images import IMAGE_EXTENSIONS, LazyImages, load_image, subset_images
 from asif.storage import atomic_write, make_folder, printable, sha256_text
@@ -76,7 +78,10 @@ class EvalDataset:
     ``images``: Sequence of length Q (PIL images or paths, produced lazily);
     ``labels``: int64 [Q]; ``classnames``: C names; ``templates``: T strings
     with ``{c}``; ``identity``: JSON-able description used in cache keys;
-    ``ids``: Q strings naming each image (they change when the image does).
+    ``ids``: Q strings naming each image (they change when the image does);
+    ``keys``: where the set is read from a package that anchors also come
+    from, the item keys of the WHOLE set (asif.debian.item_key; subsets keep
+    them all), so that those items leave the anchors; else None.
     """
     name: str
     images: Sequence
@@ -85,6 +90,12 @@ class EvalDataset:
     templates: list[str]
     identity: dict
     ids: list[str]
+    keys: list[str] | None = None
+
+    @property
+    def majority_rate(self) -> float:
+        """The share of the most frequent class: the accuracy of always guessing it."""
+        return float(np.bincount(self.labels).max() / len(self.labels)) if len(self.labels) else 0.0
 
     def __len__(self):
         return len(self.labels)
@@ -100,12 +111,11 @@ class EvalDataset:
             return self
         ident = dict(self.identity, subset={"limit": int(limit), "seed": int(seed)})
         return EvalDataset(self.name, subset_images(self.images, index), self.labels[index],
-                           self.classnames, self.templates, ident, [self.ids[i] for i in index])
+                           self.classnames, self.templates, ident, [self.ids[i] for i in index], self.keys)
 
 
 # --- Fashion-MNIST -----------------------------------------------------------
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -292,7 +302,54 @@ def _imagenet(path: str | None) -> EvalDataset:
     return _imagefolder(str(root), "imagenet", _imagenet_classnames(wnids, root), load_templates("imagenet"))
 
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "pets", "imagenet", "imagefolder:PATH")
+# --- the Debian packages that anchors come from too --------------------------------
+
+def _class_folders(dataset: str) -> dict[str, str]:
+    """{category folder: class name} of a package-derived test set (asif/data/classnames.json)."""
+    table = _data_json("classnames.json").get(dataset)
+    if not isinstance(table, dict):
+        raise DataError(f"no folder -> class table for {dataset!r} in asif/data/classnames.json")
+    return {k: v for k, v in table.items() if not k.startswith("_")}
+
+
+def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path], render) -> EvalDataset:
+    """Files labelled by their folder's first two levels, kept where that folder is in the class table."""
+    folders = _class_folders(dataset)
+    order = sorted(folders)
+    paths, labels = [], []
+    for p in files:
+        category = "/".join(p.relative_to(root).parent.parts[:2])
+        if category in folders:
+            paths.append(p)
+            labels.append(order.index(category))
+    ids = [file_id(p, root) for p in paths]
+    identity = {"dataset": dataset, "classes": folders, "files_sha256": sha256_text("\n".join(ids))}
+    images = LazyImages(len(paths), lambda i: render(paths[i]))
+    return EvalDataset(dataset, images, np.asarray(labels, dtype=np.int64), [folders[c] for c in order],
+                       load_templates(dataset), identity, ids,
+                       keys=[debian.item_key(source, root, p) for p in paths])
+
+
+def _tuxpaint_photos(size: int = 224) -> EvalDataset:
+    """TuxPaint stamps, mostly photo cut-outs, labelled by category folder (classnames.json has the rule)."""
+    from asif.images import render_svg
+    root = debian.tuxpaint_root()
+    files = [s.image for s in debian.tuxpaint_stamps(root)
+             if s.text.exists() and "cartoon" not in s.image.relative_to(root).parts]
+    return _labelled_by_folder("tuxpaint-photos", "tuxpaint", root, files,
+                               lambda p: render_svg(p, size) if p.suffix == ".svg" else p)
+
+
+def _clipart_objects(size: int = 224) -> EvalDataset:
+    """Openclipart drawings of things, labelled by category folder: a drawing domain held out of the anchors."""
+    from asif.images import render_svg
+    root = debian.openclipart_root()
+    return _labelled_by_folder("clipart-objects", "clipart", root, debian.clipart_files(root),
+                               lambda p: render_svg(p, size))
+
+
+DATASETS = ("fashion-mnist", "tuxpaint-photos", "clipart-objects", "cifar10", "cifar100", "pets", "imagenet",
+            "imagefolder:PATH")
 
 
 def load_dataset(name: str, split: str = "test", limit: int | None = None, seed: int = 0) -> EvalDataset:
@@ -305,6 +362,10 @@ def load_dataset(name: str, split: str = "test", limit: int | None = None, seed:
     kind, _, arg = name.partition(":")
     if kind == "fashion-mnist":
         ds = fashion_mnist(split)
+    elif kind == "tuxpaint-photos":
+        ds = _tuxpaint_photos()
+    elif kind == "clipart-objects":
+        ds = _clipart_objects()
     elif kind in ("cifar10", "cifar100", "pets"):
         ds = _torchvision(kind, split)
     elif kind == "imagenet":

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 import asif_core
-from asif import registry, storage
+from asif import mixture, registry, storage
 from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
 from asif.config import cache_root, progress_bar
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
@@ -35,16 +35,20 @@ __all__ = ["Choice", "load_choice", "save_choice", "choice_options", "Prepared",
 # the choice, shared by the notebooks
 # ---------------------------------------------------------------------------
 
+DEFAULT_ANCHORS = "iconify+clipart+tuxpaint"   # every offline general source (docs/default_anchors.md)
+DEFAULT_DATASET = "tuxpaint-photos"            # natural photo cut-outs, held out of the anchors
+
 @dataclass
 class Choice:
     """What a run uses; saved by 00_setup, read by the other notebooks."""
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     text_encoder: str = DEFAULT_TEXT_ENCODER
-    dataset: str = "fashion-mnist"
-    anchor_set: str = "clipart+tuxpaint"
+    dataset: str = DEFAULT_DATASET
+    anchor_set: str = DEFAULT_ANCHORS
     non_zeros: int = 800
     exponents: list = field(default_factory=lambda: [8.0, 3.0, 1.0])
     precomputed: str | None = None  # a registry name, fetched instead of embedding
+    mixing: str = "union"           # how anchor sources are combined (asif.mixture.RULES)
 
     @property
     def model_name(self) -> str:
@@ -84,10 +88,14 @@ def choice_options() -> dict:
     def opts(modality):
         return [(f"{e['name']}  ({'offline' if e['offline'] else 'online'})", e["name"])
                 for e in enc if e["modality"] == modality]
-    datasets = [("fashion-mnist  (offline, Debian package)", "fashion-mnist"),
+    datasets = [("tuxpaint-photos  (offline, photo cut-outs, Debian package)", "tuxpaint-photos"),
+                ("fashion-mnist  (offline, Debian package)", "fashion-mnist"),
+                ("clipart-objects  (offline, drawings, Debian package)", "clipart-objects"),
                 ("cifar100  (online, torchvision)", "cifar100"), ("cifar10  (online, torchvision)", "cifar10"),
                 ("pets  (online, torchvision)", "pets"), ("imagenet  (local val folder: imagenet:PATH)", "imagenet")]
-    anchors = [("clipart+tuxpaint  (offline, general captions)", "clipart+tuxpaint"),
+    anchors = [(f"{DEFAULT_ANCHORS}  (offline, general captions; icons from npm once)", DEFAULT_ANCHORS),
+               ("clipart+tuxpaint  (offline, general captions)", "clipart+tuxpaint"),
+               ("iconify  (offline once fetched, icon names)", "iconify"),
                ("clipart  (offline)", "clipart"), ("tuxpaint  (offline)", "tuxpaint"),
                ("fashion-mnist-train  (offline, in-domain captions)", "fashion-mnist-train")]
     precomputed = [("none: embed here", None)] + [(f"{k}  (registry, download)", k) for k in registry.load_registry()]
@@ -110,7 +118,13 @@ class Prepared:
 
     @property
     def chance(self) -> float:
+        """1 / C: the accuracy of a uniform random guess."""
         return 1 / len(self.evals.classnames)
+
+    @property
+    def majority_rate(self) -> float:
+        """The share of the most frequent class among the test images: the accuracy of always guessing it."""
+        return float(np.bincount(self.evals.labels).max() / len(self.evals.labels))
 
 
 def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anchor_limit: int | None = None,
@@ -128,8 +142,12 @@ def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anc
     text_encoder = load_text_encoder(choice.text_encoder, device=device)
     evals = load_eval_embeddings(choice.dataset, image_encoder, text_encoder, split=split, limit=limit,
                                  progress=progress)
+    # a test set read from a package that anchors come from too: its items leave the anchors
     anchors = load_anchor_embeddings(choice.anchor_set, image_encoder, text_encoder,
-                                     limit=anchor_limit if anchor_limit is not None else limit, progress=progress)
+                                     limit=anchor_limit if anchor_limit is not None else limit, progress=progress,
+                                     exclude=evals.dataset.keys)
+    if anchors.anchor_set.removed and progress:
+        print(f"{anchors.anchor_set.removed} anchor pairs left out: {choice.dataset} holds the same items")
     return Prepared(choice, evals, anchors, image_encoder, text_encoder)
 
 
@@ -170,28 +188,38 @@ class ZeroShotRun:
 
 def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
                   reduce: str = "max", anchor_counts: Sequence[int] | None = None, device="auto",
-                  progress: bool = True, params: dict | None = None) -> ZeroShotRun:
-    """Accuracy for every (anchor count, exponent) in one pass (asif_core.sweep), as clip_benchmark JSON.
+                  progress: bool = True, params: dict | None = None, mixing: str | None = None) -> ZeroShotRun:
+    """Accuracy for every (anchor count, exponent) in one pass, as clip_benchmark JSON.
 
-    ``anchor_counts`` default: powers of two up to all anchors. ``params``
-    adds to the JSON's parameters (which already name the encoders, data,
-    k, p, counts, reduce, chance and what was dropped).
+    ``anchor_counts`` default: powers of two up to all anchors. ``mixing``
+    (default: the choice's): how the anchor set's sources combine
+    (asif.mixture; ``union`` is asif_core.sweep itself). ``params`` adds to
+    the JSON's parameters (which already name the encoders, data, k, p,
+    counts, reduce, mixing, chance, majority rate and what was dropped).
     """
     evals, anchors, choice = prepared.evals, prepared.anchors, prepared.choice
     counts = list(anchor_counts or default_anchor_counts(len(anchors)))
     if max(counts) > len(anchors):
         raise ASIFInputError(f"anchor_counts: the anchor set {choice.anchor_set} has {len(anchors)} pairs, "
                              f"asked for {max(counts)}")
+    mixing = mixing or choice.mixing
     start = time.perf_counter()
-    rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts,
-                           len(evals.classnames), anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
-                           reduce=reduce, device=device, progress=progress)
+    if mixing == "union" or len(anchors.source_names) == 1:
+        rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts,
+                               len(evals.classnames), anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
+                               reduce=reduce, device=device, progress=progress)
+    else:
+        rows = mixture.mixture_sweep(anchors.A_img, anchors.A_txt, anchors.sources, evals.images, evals.labels,
+                                     evals.prompts, len(evals.classnames), anchor_counts=counts, exponents=exponents,
+                                     non_zeros=non_zeros, reduce=reduce, rule=mixing, device=device)
     wall = time.perf_counter() - start
     info = {"non_zeros": non_zeros, "exponents": [float(p) for p in exponents], "anchor_counts": counts,
-            "reduce": reduce, "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
+            "reduce": reduce, "mixing": mixing, "sources": anchors.source_names, "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
             "anchor_set": choice.anchor_set, "split": evals.dataset.identity.get("split", "test"),
             "n_test": int(len(evals.labels)), "chance": prepared.chance,
             "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped),
+            "anchors_shared_with_test_removed": anchors.anchor_set.removed,
+            "majority_rate": prepared.majority_rate,
             **(params or {})}
     result = zero_shot_result(rows, dataset=choice.dataset, model=choice.model_name, params=info, wall_time=wall)
     return ZeroShotRun(rows, result, prepared.chance, wall)
@@ -229,23 +257,38 @@ def rows_from_result(result: dict) -> list[dict]:
 # the embedded default
 # ---------------------------------------------------------------------------
 
+TEST_SETS = ("fashion-mnist", "tuxpaint-photos", "clipart-objects")
+IN_DOMAIN_ANCHORS = 16384  # the in-domain reference curve stops here: the main job shows no more
+
+
 def build_default(progress: bool = True, limit: int | None = None, root=None,
                   image_encoder=DEFAULT_IMAGE_ENCODER, text_encoder=DEFAULT_TEXT_ENCODER) -> dict:
-    """Embed the offline default through the cache: Fashion-MNIST train and test
-    (images + prompts), clip-art and TuxPaint anchors (images + captions).
-    Already cached parts cost a checksum pass. Returns {what: (rows, seconds)}."""
+    """Embed, through the cache, what the main job shows: the three test sets (images + prompts), the
+    general anchors (icons rendered first, in worker processes) and the in-domain Fashion-MNIST anchors.
+
+    Already cached parts cost a checksum pass. Returns {what: (rows, seconds)}.
+    """
+    from asif import iconify
     image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
     report = {}
-    for split in ("train", "test"):
+
+    def timed(what, fn):
         t = time.time()
-        e = load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, split=split, limit=limit,
-                                 root=root, progress=progress)
-        report[f"fashion-mnist-{split}"] = (len(e.labels), round(time.time() - t, 1))
-    for name, what in (("fashion-mnist-train", "fashion-mnist-train captions"), ("clipart", "clipart"),
-                       ("tuxpaint", "tuxpaint")):
-        t = time.time()
-        a = load_anchor_embeddings(name, image_encoder, text_encoder, limit=limit, root=root, progress=progress)
-        report[what] = (len(a), round(time.time() - t, 1))
+        n = fn()
+        report[what] = (n, round(time.time() - t, 1))
+
+    for name in TEST_SETS:
+        timed(name, lambda: len(load_eval_embeddings(name, image_encoder, text_encoder, limit=limit, root=root,
+                                                     progress=progress).labels))
+    if limit is None:  # a small run renders the few icons it needs on the way
+        timed("iconify rendering", lambda: iconify.prerender(iconify.load_index(root, progress), root,
+                                                              progress=progress)["rendered"])
+    for name in DEFAULT_ANCHORS.split("+"):
+        timed(name, lambda: len(load_anchor_embeddings(name, image_encoder, text_encoder, limit=limit, root=root,
+                                                       progress=progress)))
+    timed("fashion-mnist-train (in-domain)",
+          lambda: len(load_anchor_embeddings("fashion-mnist-train", image_encoder, text_encoder,
+                                             limit=limit or IN_DOMAIN_ANCHORS, root=root, progress=progress)))
     return report
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from asif import anchors as A
-from asif import datasets
+from asif import datasets, debian
 from asif.errors import DataError
 from asif.images import render_svg
 from conftest import needs
@@ -17,7 +17,7 @@ from test_datasets import make_folder
 
 @needs("openclipart-svg")
 def test_clipart_captions_and_rendering():
-    bat = A.OPENCLIPART_DIR / "animals" / "bat_orlando_karam_.svg"
+    bat = debian.OPENCLIPART_DIR / "animals" / "bat_orlando_karam_.svg"
     if bat.exists():
         assert A.svg_caption(bat) == "bat. mammal, animal."
     a = A.load_anchor_set("clipart", limit=30)
@@ -33,7 +33,7 @@ def test_clipart_captions_and_rendering():
         ok += 1
         assert im.mode == "RGB" and max(im.size) == 224
     assert ok >= 25
-    mali = A.OPENCLIPART_DIR / "signs_and_symbols" / "flags" / "africa" / "mali.svg"
+    mali = debian.OPENCLIPART_DIR / "signs_and_symbols" / "flags" / "africa" / "mali.svg"
     if mali.exists():  # uses a percentage opacity that cairosvg cannot parse
         with pytest.raises(DataError, match="cannot be rendered"):
             render_svg(mali)
@@ -46,12 +46,12 @@ def test_tuxpaint_captions_and_translations():
     for i in range(25):
         part, j = a.order[i]
         txt = a.parts[part].ids[j].split("|")[1].rsplit(":", 2)[0]
-        first = (A.TUXPAINT_DIR / txt).read_text(encoding="utf-8").splitlines()[0].strip()
+        first = (debian.TUXPAINT_DIR / txt).read_text(encoding="utf-8").splitlines()[0].strip()
         assert a.captions[i] == first
     assert any("fr" in a.translations(i) for i in range(25))
     im = a.image(0)
     assert im.mode == "RGB"
-    frog = A.TUXPAINT_DIR / "animals" / "amphibians" / "frog.txt"
+    frog = debian.TUXPAINT_DIR / "animals" / "amphibians" / "frog.txt"
     if frog.exists():
         english, others = A.read_tuxpaint_text(frog)
         assert english == "A frog." and others["fr"] == "Une grenouille."
@@ -233,3 +233,33 @@ def test_webdataset_captions_that_cannot_be_used_are_skipped(tmp_path):
     assert sorted(s.captions) == ["fine", "with a bom"]
     assert sorted((x["id"], x["reason"]) for x in s.skipped) == [
         ("s.tar/b", "caption is not UTF-8 text"), ("s.tar/c", "caption empty"), ("s.tar/d", "needs an image and a .txt")]
+
+
+def test_pairs_shared_with_a_test_set_leave_the_anchors(tmp_path):
+    """The general rule: any anchor whose item key the test set holds is removed before the limit."""
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(p)
+        paths.append(p)
+    (tmp_path / "a.csv").write_text("image,caption\n" + "".join(f"{p.name},thing {i}\n" for i, p in enumerate(paths)))
+    s = A.load_anchor_set(f"captions:{tmp_path / 'a.csv'}")
+    part = s.parts[0]
+    part.keys = [f"test:{i}" for i in range(10)]
+    shared = {"test:2", "test:5", "other:1"}
+    kept = s.without(shared)
+    assert kept.removed == 2 and len(kept) == 8
+    assert sorted(kept.captions) == sorted(f"thing {i}" for i in range(10) if i not in (2, 5))
+    assert [c for c in s.captions if c not in ("thing 2", "thing 5")] == kept.captions, "the order is kept"
+    assert s.without(None) is s and kept.head(3).removed == 2
+
+
+@needs("tuxpaint-stamps-default")
+def test_tuxpaint_photos_leave_tuxpaint_anchors():
+    photos = datasets.load_dataset("tuxpaint-photos")
+    full = A.load_anchor_set("tuxpaint")
+    rest = A.load_anchor_set("tuxpaint", exclude=photos.keys)
+    assert rest.removed == len(full) - len(rest) == len(set(photos.keys) & set(full.parts[0].keys)) > 300
+    assert not set(rest.parts[0].keys[j] for _, j in rest.order) & set(photos.keys)
+    small = A.load_anchor_set("tuxpaint", limit=50, exclude=photos.keys)
+    assert len(small) == 50 and small.ids == rest.ids[:50], "exclusion comes before the limit"

@@ -351,3 +351,22 @@ def test_verify_cache_finds_bit_rot_and_the_next_run_recomputes_only_that(tmp_pa
     assert enc.rows == 8, "only the damaged shard is encoded again"
     np.testing.assert_array_equal(np.asarray(c.array), reference)
     assert [r["damaged"] for r in verify_cache(tmp_path, progress=False)] == [[]]
+
+
+def test_most_of_a_part_embeds_the_whole_part_once(tmp_path, fake_encoders):
+    paths = write_images(tmp_path / "imgs", 10)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"image": str(p), "caption": f"pic {i}"}) + "\n"
+                                              for i, p in enumerate(paths)))
+    from asif.anchors import load_anchor_set
+    img, txt = fake_encoders
+    name = f"captions:{tmp_path / 'a.jsonl'}"
+    s = load_anchor_set(name)
+    s.parts[0].keys = [f"k{i}" for i in range(10)]
+    seven = C.load_anchor_embeddings(s.without({"k1", "k4", "k8"}), img, txt, root=tmp_path / "c", progress=False)
+    assert len(seven) == 7 and img.rows == 10, "7 of 10 rows: the whole part is embedded, then selected"
+    np.testing.assert_allclose(seven.A_img, img.encode([paths[int(c.split()[1])] for c in seven.captions]), atol=1e-7)
+    img.rows = 0
+    whole = C.load_anchor_embeddings(name, img, txt, root=tmp_path / "c", progress=False)
+    assert len(whole) == 10 and img.rows == 0, "and every later use of the part reads it"
+    two = C.load_anchor_embeddings(name, img, txt, limit=2, root=tmp_path / "c", progress=False)
+    assert len(two) == 2 and img.rows == 2, "a few rows of a part are embedded alone"

@@ -5,6 +5,7 @@ name otherwise); downloads come from a server on 127.0.0.1 that the tests
 start, never the internet.
 """
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,12 +15,12 @@ import pytest
 from PIL import Image
 
 from asif import datasets as D
-from asif.config import SMOKE_SIZE
+from asif.config import DATA_DIR, SMOKE_SIZE
 from asif.errors import DataError, OfflineError
 from asif.images import load_image
 from conftest import closed_port_url, needs
 
-FM = D.FASHION_MNIST_DIR
+FM = D.FASHION_MNIST_DIR  # asif.debian's, imported there
 
 
 @needs("dataset-fashion-mnist")
@@ -150,3 +151,30 @@ def test_torchvision_images_go_through_the_one_decoder(tmp_path):
     class Cifar:
         data = np.full((2, 4, 4, 3), 7, dtype=np.uint8)
     assert np.asarray(D.torchvision_images(Cifar())[1])[0, 0].tolist() == [7, 7, 7]
+
+
+@needs("tuxpaint-stamps-default")
+def test_tuxpaint_photos_are_labelled_by_folder():
+    ds = D.load_dataset("tuxpaint-photos")
+    assert len(ds.classnames) == len(set(ds.classnames)) >= 15 and len(ds) >= 300
+    counts = np.bincount(ds.labels, minlength=len(ds.classnames))
+    assert counts.min() >= 8, "every category has at least 8 stamps"
+    assert ds.majority_rate == counts.max() / len(ds)
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        key = ds.keys[i].removeprefix("tuxpaint:")
+        assert "cartoon" not in key and not key.startswith("symbols/")
+        folder = "/".join(key.split("/")[:-1][:2])
+        table = {k: v for k, v in json.loads((DATA_DIR / "classnames.json").read_text())["tuxpaint-photos"].items()}
+        assert ds.classnames[ds.labels[i]] == table[folder]
+    assert all("{c}" in t for t in ds.templates)
+    small = D.load_dataset("tuxpaint-photos", limit=20)
+    assert len(small) == 20 and small.keys == ds.keys, "a subset keeps the keys of the whole set"
+
+
+@needs("openclipart-svg")
+def test_clipart_objects_render_drawings_of_things():
+    ds = D.load_dataset("clipart-objects", limit=6)
+    assert "mammal" in ds.classnames and "vehicle" in ds.classnames
+    im = load_image(ds.images[0])
+    assert im.mode == "RGB" and max(im.size) == 224
+    assert all(k.startswith("clipart:") and k.endswith(".svg") for k in ds.keys)

@@ -54,6 +54,7 @@ def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_pa
     p = run.result["params"]
     assert p["anchor_counts"] == [20, 40] and p["n_test"] == 12 and p["note"] == "x"
     assert p["anchor_set"] == prepared.choice.anchor_set and p["chance"] == pytest.approx(1 / 3)
+    assert p["majority_rate"] == pytest.approx(4 / 12) and p["anchors_shared_with_test_removed"] == 0
     assert run.result["model"] == f"asif:fake-image+fake-text@{prepared.choice.anchor_set}"
     back = json.loads(run.save(tmp_path / "out" / "r.json").read_text())
     assert pipeline.rows_from_result(back) == [{k: r[k] for k in ("n_anchors", "exponent", "acc1", "acc5",
@@ -73,7 +74,29 @@ def test_choice_is_saved_and_read_back(tmp_path, monkeypatch):
     c = pipeline.Choice(dataset="cifar10", exponents=[8.0])
     assert pipeline.save_choice(c) == tmp_path / "choice.json"
     assert pipeline.load_choice() == c
-    assert c.slug == "cifar10_clipart-tuxpaint"
+    assert c.slug == "cifar10_iconify-clipart-tuxpaint"
     opts = pipeline.choice_options()
     assert ("fashion-mnist  (offline, Debian package)", "fashion-mnist") in opts["dataset"]
     assert opts["image_encoder"][0][1] == "efficientnet_lite0"
+
+
+def test_mixing_of_two_sources_goes_through_the_mixture(prepared, tmp_path, fake_encoders):
+    from asif import mixture
+    img, txt = fake_encoders
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:25]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[25:]) + "\n")
+    choice = pipeline.Choice(image_encoder=img.name, text_encoder=txt.name, dataset=prepared.choice.dataset,
+                             anchor_set=f"captions:{tmp_path / 'a.jsonl'}+captions:{tmp_path / 'b.jsonl'}",
+                             mixing="mean")
+    anchors = cache.load_anchor_embeddings(choice.anchor_set, img, txt, root=tmp_path / "cache", progress=False)
+    two = pipeline.Prepared(choice, prepared.evals, anchors, img, txt)
+    assert sorted(set(anchors.sources.tolist())) == [0, 1]
+    run = pipeline.run_zero_shot(two, non_zeros=6, anchor_counts=[20, 40], progress=False)
+    e = prepared.evals
+    want = mixture.mixture_sweep(anchors.A_img, anchors.A_txt, anchors.sources, e.images, e.labels, e.prompts, 3,
+                                 anchor_counts=[20, 40], non_zeros=6, rule="mean")
+    assert [r["acc1"] for r in run.rows] == [r["acc1"] for r in want]
+    assert run.result["params"]["mixing"] == "mean" and len(run.result["params"]["sources"]) == 2
+    union = pipeline.run_zero_shot(two, non_zeros=6, anchor_counts=[40], progress=False, mixing="union")
+    assert union.result["params"]["mixing"] == "union"

@@ -1,0 +1,103 @@
+"""Choose the default anchor mix on validation data, by the rule of docs/default_anchors.md.
+
+    python benchmarks/anchor_mix.py [--json benchmarks/results_anchor_mix.json]
+
+Validation sets (no test item): V1 2,000 Fashion-MNIST *training* images
+(top-1); V2 500 clip-art pairs outside clipart-objects, V3 250 TuxPaint pairs
+outside tuxpaint-photos, V4 500 icon pairs (image -> caption recall@5 among
+each held-out group; those pairs leave the anchors). Scores every mixing rule
+of asif/mixture.py and every source alone, then applies the rule: the
+highest worst regret against the best single source, ties (0.5 points) to
+the simpler rule. k = 800, p = 8, reduce = max throughout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from asif import cache, datasets, mixture
+from asif.anchors import load_anchor_set
+from asif.encoders import load_image_encoder, load_text_encoder
+from asif.metrics import retrieval_metrics
+
+SOURCES = ("iconify", "clipart", "tuxpaint")
+HELD_OUT = {"clipart": 500, "tuxpaint": 250, "iconify": 500}
+TIE = 0.005
+
+
+def held_out_rows(anchor_set, test_keys: set, seed: int = 0) -> dict:
+    """{source: rows of the anchor order held out for validation}, none of them a test item."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p, part in enumerate(anchor_set.parts):
+        rows = np.flatnonzero(anchor_set.order[:, 0] == p)
+        if part.keys is not None:
+            rows = np.array([r for r in rows if part.keys[anchor_set.order[r, 1]] not in test_keys])
+        out[part.name] = np.sort(rng.choice(rows, size=HELD_OUT[part.name], replace=False))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--non-zeros", type=int, default=800)
+    ap.add_argument("--exponent", type=float, default=8.0)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    img_enc, txt_enc = load_image_encoder(), load_text_encoder()
+    test_keys = set(datasets.load_dataset("tuxpaint-photos").keys) | set(datasets.load_dataset("clipart-objects").keys)
+    aset = load_anchor_set("+".join(SOURCES))
+    union = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
+    sources_all = aset.order[union.index, 0]  # the source of each anchor row
+    row_of = {int(r): i for i, r in enumerate(union.index)}
+    held = held_out_rows(aset, test_keys)
+    held_rows = {s: np.array([row_of[int(r)] for r in rows if int(r) in row_of]) for s, rows in held.items()}
+    keep = np.setdiff1d(np.arange(len(union)), np.concatenate(list(held_rows.values())))
+    A_img, A_txt, src = union.A_img[keep], union.A_txt[keep], sources_all[keep]
+    v1 = cache.load_eval_embeddings("fashion-mnist", img_enc, txt_enc, split="train", limit=2000, progress=True)
+    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, reduce="max")
+
+    def score(rule: str, only: int | None) -> dict:
+        a_i, a_t, s = (A_img, A_txt, src) if only is None else (A_img[src == only], A_txt[src == only],
+                                                              src[src == only])
+        out = {}
+        sc = mixture.mixture_scores(a_i, a_t, s, v1.images, v1.prompts, len(v1.classnames), rule=rule, **common)
+        out["V1 fashion-mnist-train top-1"] = float((next(iter(sc.values())).argmax(1) == v1.labels).mean())
+        for name, v in (("clipart", "V2"), ("tuxpaint", "V3"), ("iconify", "V4")):
+            rows = held_rows[name]
+            sims = mixture.mixture_scores(a_i, a_t, s, union.A_img[rows], union.A_txt[rows], len(rows),
+                                          rule=rule, **common)
+            sim = next(iter(sims.values()))
+            out[f"{v} {name} pairs R@5"] = retrieval_metrics(sim, np.arange(len(rows)), ks=(5,))["text_retrieval_recall@5"]
+        return out
+
+    names = [p.name for p in aset.parts]
+    table = {f"{n} alone": score("union", i) for i, n in enumerate(names)}
+    for rule in mixture.RULES:
+        table[f"all, {rule}"] = score(rule, None)
+    domains = list(next(iter(table.values())))
+    best_single = {d: max(table[f"{n} alone"][d] for n in names) for d in domains}
+    regret = {rule: min(table[f"all, {rule}"][d] - best_single[d] for d in domains) for rule in mixture.RULES}
+    best = max(regret.values())
+    chosen = next(r for r in mixture.RULES if regret[r] >= best - TIE)  # ties to the simpler rule
+    width = max(map(len, table))
+    print(f"{'':{width}}  " + "  ".join(f"{d:>28}" for d in domains))
+    for k, row in table.items():
+        print(f"{k:{width}}  " + "  ".join(f"{100 * row[d]:27.1f}%" for d in domains))
+    print("worst regret against the best single source:", {r: round(100 * v, 1) for r, v in regret.items()})
+    print(f"chosen rule: {chosen}   ({time.perf_counter() - start:.0f} s; {len(keep)} anchors, "
+          f"{sum(len(r) for r in held_rows.values())} held out)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scores": table, "best_single": best_single, "worst_regret": regret,
+                                               "chosen": chosen, "n_anchors": int(len(keep)),
+                                               "held_out": {k: int(len(v)) for k, v in held_rows.items()},
+                                               "non_zeros": args.non_zeros, "exponent": args.exponent},
+                                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
