@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
 # The project's two commands (see README):
-#   bash run.sh         set up, then run the main job
+#   bash run.sh         set up, then run the main job (its report lands in build/)
 #   bash run.sh test    set up, then run the test suite
-# Set-up: Debian data packages (when root or passwordless sudo is there),
-# a .venv with the project and its extras. Re-running skips what is done.
+#   bash run.sh lab     set up, then open the notebooks in JupyterLab
+# Set-up: Debian packages (when root or passwordless sudo is there), a .venv
+# with the project and its extras. Re-running skips what is done. Nothing
+# here edits a tracked file.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=$(cat asif/data/apt-packages.txt)  # the same list the notebooks install in Colab
-
+# setup_apt LIST WHAT: install the Debian packages named in LIST (one file,
+# whitespace-separated) that are missing; WHAT says what they are for.
 setup_apt() {
   local missing=()
-  for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in $(cat "$1"); do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
-      echo "note: not root; install the offline data with: sudo apt-get install ${missing[*]}" >&2; return 0; fi
+      echo "note: not root; install $2 with: sudo apt-get install ${missing[*]}" >&2; return 0; fi
   fi
   if ! command -v apt-get >/dev/null; then
-    echo "note: no apt-get here; the offline datasets (${missing[*]}) are Debian packages" >&2; return 0
+    echo "note: no apt-get here; $2 (${missing[*]}) are Debian packages" >&2; return 0
   fi
   echo "== apt-get install ${missing[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || echo "note: apt-get could not install ${missing[*]} ($2)" >&2
 }
 
 setup_venv() {
@@ -40,7 +43,10 @@ setup_venv() {
   fi
 }
 
-setup_apt
+# the offline data: the same list the notebooks install in Colab
+setup_apt asif/data/apt-packages.txt "the offline data"
+# the browser test's Chromium: tests only, never installed in Colab
+if [ "${1:-main}" = test ]; then setup_apt tests/apt-packages.txt "the browser for tests/test_browser.py"; fi
 setup_venv
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
@@ -56,16 +62,21 @@ case "${1:-main}" in
     ;;
   main)
     # The embedded default end to end on this machine: embeddings, the five
-    # notebooks in full mode, the in-domain curve, the README's results.
+    # notebooks in full mode (executed copies and offline HTML), the
+    # in-domain curve, and the report build/report.md. Putting the results
+    # into the README is a maintainer's separate step (see README, Results).
     start=$(date +%s)
     .venv/bin/asif data build
     built=$(date +%s)
     .venv/bin/asif notebooks --out build/notebooks
     .venv/bin/asif eval --dataset fashion-mnist --anchors fashion-mnist-train --exponents 8 3 1 \
       --out build/zero_shot_fashion-mnist_fashion-mnist-train.json --plot build/fig5_fashion-mnist_fashion-mnist-train.png
-    .venv/bin/asif report --build build --readme README.md --seconds $(( $(date +%s) - start )) \
-      --build-seconds $(( built - start ))
+    .venv/bin/asif report --build build --seconds $(( $(date +%s) - start )) --build-seconds $(( built - start ))
+    ;;
+  lab)
+    shift || true
+    exec .venv/bin/jupyter lab notebooks "$@"
     ;;
   *)
-    echo "usage: bash run.sh [main|test [pytest args]]" >&2; exit 2 ;;
+    echo "usage: bash run.sh [main|test [pytest args]|lab [jupyter lab args]]" >&2; exit 2 ;;
 esac

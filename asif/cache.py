@@ -198,7 +198,7 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
                  name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
                  batch_size: int = 64, progress: bool = True, verify: bool = True,
                  captions: Sequence[str] | None = None, labels: np.ndarray | None = None,
-                 checkpoint_rows: int = 512) -> EmbeddingSet:
+                 checkpoint_rows: int = 512, former_names: Sequence[str] = ()) -> EmbeddingSet:
     """Embed ``items`` (images: PIL/paths/bytes; text: strings) into a cached embedding set.
 
     Returns the set: ``array`` float32 [n, encoder.dim] (memory-mapped);
@@ -206,6 +206,8 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     (``ok`` is False there). ``verify`` checks the shards on a cache hit and
     recomputes any that no longer match. Work is kept every
     ``checkpoint_rows`` inputs, so a killed run loses at most that much.
+    ``former_names``: names this set was cached under before; a complete set
+    with the same key found there is moved to ``name``.
     """
     if kind not in ("image", "text"):
         raise DataError(f"kind must be 'image' or 'text', not {kind!r}")
@@ -217,7 +219,9 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     if kind == "text":
         _check_texts(items, ids, name)
     key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
-    folder = cache_root(root) / "embeddings" / storage.slug(name) / f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    leaf = f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    folder = cache_root(root) / "embeddings" / storage.slug(name) / leaf
+    _adopt_former(folder, [cache_root(root) / "embeddings" / storage.slug(n) / leaf for n in former_names], key)
     starts = list(range(0, n, shard_rows))
     manifest_path = folder / "manifest.json"
     # a manifest that cannot be read (truncated, emptied) is rebuilt from the shards that are intact
@@ -229,7 +233,7 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     storage.make_folder(folder)
     records = {i: _finished_shard(folder, i) for i in range(len(starts))}
     done = sum(min(shard_rows, n - s) for i, s in enumerate(starts) if records[i])
-    with progress_bar(n, f"{kind} {name} {encoder.name}", progress, initial=done) as bar:
+    with progress_bar(n, f"embed {name} {kind}s ({encoder.name})", progress, initial=done) as bar:
         for i, start in enumerate(starts):
             if records[i]:
                 continue
@@ -255,6 +259,18 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
         verified.record(folder / shard["file"], shard["sha256"])
     verified.save()
     return storage.load_embedding_set(folder)
+
+
+def _adopt_former(folder: Path, former: Sequence[Path], key: str) -> None:
+    """Move a complete set with this ``key`` from a former folder to ``folder`` (unless it exists)."""
+    if folder.exists():
+        return
+    for old in former:
+        manifest = _read_record(old / "manifest.json")
+        if old != folder and manifest is not None and manifest.get("cache_key") == key:
+            storage.make_folder(folder.parent)
+            os.replace(old, folder)
+            return
 
 
 def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_size: int,
@@ -424,14 +440,18 @@ def load_eval_embeddings(dataset: str | EvalDataset, image_encoder=DEFAULT_IMAGE
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, split, limit, seed)
     image_encoder, text_encoder = encoder_of(image_encoder, "image"), encoder_of(text_encoder, "text")
+    split = dataset.identity.get("split")
+    # Image folders used to be cached under the loader's name alone ("imagefolder-"):
+    # a set found there moves to the folder's own name; the keys never changed.
+    loader = dataset.identity.get("dataset", dataset.name)
     emb = embed_cached(image_encoder, dataset.images, kind="image", dataset=dataset.identity, ids=dataset.ids,
-                       name=f"{dataset.name}-{dataset.identity.get('split', '')}", root=root, progress=progress,
-                       batch_size=batch_size, labels=dataset.labels)
+                       name=f"{dataset.name}-{split}" if split else dataset.name, root=root, progress=progress,
+                       batch_size=batch_size, labels=dataset.labels, former_names=[f"{loader}-{split or ''}"])
     prompts = dataset.prompts()
     pemb = embed_cached(text_encoder, prompts, kind="text", ids=[f"prompt/{i}" for i in range(len(prompts))],
-                        dataset={"prompts": dataset.name, "classnames": dataset.classnames,
-                                 "templates": dataset.templates},
-                        name=f"{dataset.name}-prompts", root=root, progress=False, batch_size=batch_size)
+                        dataset={"prompts": loader, "classnames": dataset.classnames, "templates": dataset.templates},
+                        name=f"{dataset.name}-prompts", root=root, progress=False, batch_size=batch_size,
+                        former_names=[f"{loader}-prompts"])
     ok = emb.ok
     return EvalEmbeddings(np.asarray(emb.array)[ok], dataset.labels[ok], np.asarray(pemb.array),
                           dataset.classnames, dataset.templates, dataset, emb.manifest.get("failed", []))

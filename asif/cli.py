@@ -23,6 +23,16 @@ class UsageError(Exception):
     """A command-line mistake: reported as one line, exit status 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default after its text, unless the default is None or False
+    (the text then says what happens without the option)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 # ---------------------------------------------------------------------------
 # option types: every option value is checked here, when the line is parsed
 # ---------------------------------------------------------------------------
@@ -175,9 +185,11 @@ def cmd_sweep(args) -> int:
     _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
     print(f"{len(rows)} points in {wall:.2f} s")
     if args.out:
+        from asif.metrics import majority_class_rate
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
                   "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
+                  "chance": 1 / args.n_classes, "majority_class_rate": majority_class_rate(y),
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
         atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
                                                      wall_time=wall))
@@ -423,6 +435,16 @@ def cmd_data_verify(args) -> int:
     return 1 if damaged else 0
 
 
+def _names_or_file(values: list[str] | None, option: str) -> list[str] | None:
+    """--classnames / --templates: the values, or the lines of the one file they name."""
+    import os
+    from asif.storage import read_text
+    if values and len(values) == 1 and os.path.isfile(values[0]):
+        lines = read_text(values[0], f"{option} {values[0]}").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    return values
+
+
 def cmd_eval(args) -> int:
     import time
     from asif import pipeline
@@ -431,15 +453,16 @@ def cmd_eval(args) -> int:
             _check_out(path, option)
     start = time.perf_counter()
     choice = pipeline.Choice(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
-                             dataset=args.dataset, anchor_set=args.anchors)
+                             dataset=args.dataset, anchor_set=args.anchors, non_zeros=args.non_zeros,
+                             exponents=list(args.exponents), classnames=_names_or_file(args.classnames, "--classnames"),
+                             templates=_names_or_file(args.templates, "--templates"))
     prepared = pipeline.prepare(choice, progress=not args.quiet, limit=args.limit, anchor_limit=args.anchor_limit,
                                 split=args.split, device=args.device)
     run = pipeline.run_zero_shot(prepared, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
                                  anchor_counts=args.anchor_counts, device=args.device, progress=not args.quiet)
     wall = time.perf_counter() - start
     _print_table(run.rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
-    print(f"chance {run.chance:.4f}; {len(prepared.evals.labels)} test images, {len(prepared.anchors)} anchors; "
-          f"{wall:.1f} s end to end")
+    print(f"{run.summary()}; {len(prepared.anchors)} anchors, {wall:.1f} s end to end")
     left_out = _left_out(prepared)
     if left_out:
         print(f"left out: {left_out}")
@@ -449,7 +472,8 @@ def cmd_eval(args) -> int:
     if args.plot:
         from asif.storage import atomic_write
         from asif.widgets import plot_accuracy_vs_anchors
-        fig = plot_accuracy_vs_anchors(run.rows, run.chance, title=f"{args.dataset}, anchors {args.anchors}")
+        fig = plot_accuracy_vs_anchors(run.rows, run.chance, title=f"{args.dataset}: {args.image_encoder} + "
+                                       f"{args.text_encoder}, anchors {args.anchors}")
         fmt = Path(args.plot).suffix.lstrip(".").lower()
         atomic_write(args.plot, lambda f: fig.savefig(f, format=fmt, dpi=120))
     return 0
@@ -474,7 +498,7 @@ NOTEBOOKS = ("00_setup", "01_zero_shot", "02_similarity", "03_interpretability",
 
 
 def cmd_notebooks(args) -> int:
-    """Run the notebooks top to bottom headless; executed copies go to --out."""
+    """Run the notebooks top to bottom headless; executed copies and their HTML go to --out."""
     import os
     import time
     import nbformat
@@ -488,6 +512,10 @@ def cmd_notebooks(args) -> int:
     if args.smoke:
         os.environ["ASIF_SMOKE"] = "1"
     os.environ.setdefault("ASIF_BUILD", str(out.parent.resolve() if out.name == "notebooks" else out.resolve()))
+    from asif.notebook_html import widget_script, write_html
+    widget_js, why = widget_script()
+    if widget_js is None:
+        print(f"note: the HTML copies load their widget script from a CDN ({why})", flush=True)
     for name in args.names or NOTEBOOKS:
         path = here / f"{name}.ipynb"
         if not path.exists():
@@ -500,6 +528,7 @@ def cmd_notebooks(args) -> int:
         tmp = out / f".{name}.ipynb.tmp"
         nbformat.write(nb, tmp)
         os.replace(tmp, out / f"{name}.ipynb")
+        write_html(nb, out / f"{name}.html", widget_js)  # widgets drawn offline, state stored by nbclient
         print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
     return 0
 
@@ -507,23 +536,15 @@ def cmd_notebooks(args) -> int:
 REPORT_START, REPORT_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def cmd_report(args) -> int:
-    """Rewrite the README's results section from the JSON and figures of a run."""
+def _report_lines(results, link_figure, times: dict) -> list[str]:
+    """The report's Markdown lines from result JSON paths; ``link_figure(png)`` gives the link of a
+    figure that exists (or None to leave it out); ``times``: the run's wall times, if known."""
     import os
-    import shutil
     import asif_core as ac
-    from asif.metrics import results_table
+    from asif.metrics import headline_row, results_table
     from asif.pipeline import rows_from_result
-    from asif.storage import atomic_write, make_folder, read_json, read_text
-    build, readme = Path(args.build), Path(args.readme)
-    results = sorted(build.glob("zero_shot_*.json"))
-    if not results:
-        raise UsageError(f"no zero_shot_*.json in {build}; run `bash run.sh` (or notebook 01) first")
-    if not readme.is_file():
-        raise UsageError(f"--readme {readme}: no such file")
-    _check_out(readme, "--readme")
-    figures = make_folder(readme.parent / "docs" / "figures")
-    parts = [REPORT_START, "", "_Written by `asif report` from the last `bash run.sh`; do not edit by hand._", ""]
+    from asif.storage import read_json
+    lines = []
     for path in results:
         res = read_json(path)
         try:
@@ -533,28 +554,80 @@ def cmd_report(args) -> int:
             raise UsageError(f"{path}: not a zero-shot result of `asif eval` (no {e}); remove it or run it again") \
                 from None
         chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
-        parts += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
+        top = headline_row(rows)  # as the JSON's metrics, also for results written before they were
+        majority = p.get("majority_class_rate")
+        lines += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
                   f"{p.get('image_encoder')} + {p.get('text_encoder')}, k = {p.get('non_zeros')}, "
-                  f"reduce = {p.get('reduce')}, top-1 accuracy on {p.get('n_test', '?')} test images; "
-                  f"chance {100 * chance:.0f}%. Wall time of this evaluation {res.get('wall_time_s', '?')} s.", ""]
-        fig = build / path.name.replace("zero_shot_", "fig5_").replace(".json", ".png")
-        if fig.exists():
-            shutil.copyfile(fig, figures / fig.name)
-            parts += [f"![accuracy against anchors]({figures.relative_to(readme.parent).as_posix()}/{fig.name})", ""]
-        parts += [results_table(rows), ""]
-    if args.seconds is not None:
-        built = "" if args.build_seconds is None else \
-            f", of which {args.build_seconds / 60:.1f} min building or checking the embeddings"
-        parts += [f"This `bash run.sh` took {args.seconds / 60:.1f} min{built}, on "
+                  f"reduce = {p.get('reduce')}, top-1 accuracy on {p.get('n_test', '?')} test images. "
+                  f"Headline (all {top['n_anchors']} anchors, p = {top['exponent']:g}): "
+                  f"**{100 * top['acc1']:.1f}%**; chance {100 * chance:.0f}%"
+                  + (f", majority class {100 * majority:.0f}%" if majority is not None else "")
+                  + f". Wall time of this evaluation {res.get('wall_time_s', '?')} s.", ""]
+        link = link_figure(path.with_name(path.name.replace("zero_shot_", "fig5_").replace(".json", ".png")))
+        if link:
+            lines += [f"![accuracy against anchors]({link})", ""]
+        lines += [results_table(rows), ""]
+    if times.get("seconds") is not None:
+        built = "" if times.get("build_seconds") is None else \
+            f", of which {times['build_seconds'] / 60:.1f} min building or checking the embeddings"
+        lines += [f"This `bash run.sh` took {times['seconds'] / 60:.1f} min{built}, on "
                   f"{os.cpu_count()} CPU cores (device {ac.pick_device('auto')}).", ""]
-    parts.append(REPORT_END)
-    text = read_text(readme, f"--readme {readme}")
-    if REPORT_START in text and REPORT_END in text:
-        text = text[:text.index(REPORT_START)] + "\n".join(parts) + text[text.index(REPORT_END) + len(REPORT_END):]
-    else:
-        text = text.rstrip() + "\n\n## Results\n\n" + "\n".join(parts) + "\n"
-    atomic_write(readme, lambda f: f.write(text.encode("utf-8")))
-    print(f"updated {readme} from {len(results)} result files")
+    return lines
+
+
+def cmd_report(args) -> int:
+    """The Markdown report of a run, ``<build>/report.md`` (figures linked where they lie); with
+    ``--readme``, the same text replaces the README's results section and the figures are copied
+    to docs/figures beside it (a maintainer's step: ``bash run.sh`` never edits tracked files)."""
+    import os
+    import shutil
+    from asif.errors import StorageError
+    from asif.storage import atomic_write, atomic_write_json, make_folder, read_json, read_text
+    build = Path(args.build)
+    results = sorted(build.glob("zero_shot_*.json"))
+    if not results:
+        raise UsageError(f"no zero_shot_*.json in {build}; run `bash run.sh` (or notebook 01) first")
+    out = Path(args.out) if args.out else build / "report.md"
+    _check_out(out, "--out")
+    if args.readme:
+        if not Path(args.readme).is_file():
+            raise UsageError(f"--readme {args.readme}: no such file")
+        _check_out(args.readme, "--readme")
+    times_path = build / "run_times.json"  # kept, so a later --readme states the run's times too
+    if args.seconds is not None:
+        atomic_write_json(times_path, {"seconds": args.seconds, "build_seconds": args.build_seconds})
+    try:
+        times = read_json(times_path) if times_path.exists() else {}
+    except StorageError:  # damaged: the report just leaves the times out
+        times = {}
+
+    def here(fig):
+        return Path(os.path.relpath(fig, out.parent)).as_posix() if fig.exists() else None
+
+    text = "\n".join(["# Results", "", f"_Written by `asif report` from the run in `{build}`._", "",
+                      *_report_lines(results, here, times)])
+    atomic_write(out, lambda f: f.write(text.encode()))
+    print(f"wrote {out} from {len(results)} result files")
+    if args.readme:
+        readme = Path(args.readme)
+        figures = readme.parent / "docs" / "figures"
+
+        def copied(fig):
+            if not fig.exists():
+                return None
+            make_folder(figures)
+            shutil.copyfile(fig, figures / fig.name)
+            return f"{figures.relative_to(readme.parent).as_posix()}/{fig.name}"
+
+        parts = [REPORT_START, "", "_Written by `asif report --readme README.md` from the last `bash run.sh`; "
+                 "do not edit by hand._", "", *_report_lines(results, copied, times), REPORT_END]
+        body = read_text(readme, f"--readme {readme}")
+        if REPORT_START in body and REPORT_END in body:
+            body = body[:body.index(REPORT_START)] + "\n".join(parts) + body[body.index(REPORT_END) + len(REPORT_END):]
+        else:
+            body = body.rstrip() + "\n\n## Results\n\n" + "\n".join(parts) + "\n"
+        atomic_write(readme, lambda f: f.write(body.encode()))
+        print(f"updated {readme} and {figures}")
     return 0
 
 
@@ -572,37 +645,79 @@ def _add_run_commands(sub) -> None:
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_data_verify)
 
-    p = sub.add_parser("eval", help="zero-shot accuracy against anchors from raw data, through the embedding cache")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--split", default="test")
-    p.add_argument("--anchors", default="clipart+tuxpaint", help="anchor set name; parts combine with +")
-    p.add_argument("--image-encoder", default="efficientnet_lite0")
-    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2")
-    p.add_argument("--non-zeros", type=positive_int, default=800)
-    p.add_argument("--exponents", type=positive_float, nargs="+", default=[8.0])
+    p = sub.add_parser(
+        "eval", help="zero-shot accuracy against anchors from raw data, through the embedding cache",
+        description="Zero-shot classification of a dataset's images with ASIF, one curve per exponent against "
+                    "the number of anchors (paper Fig. 5), embedding what the cache does not hold yet. "
+                    "Example: asif eval --dataset imagefolder:photos --classnames cat dog "
+                    "--templates 'a photo of a {c}.' --out r.json")
+    p.add_argument("--dataset", default="fashion-mnist", metavar="NAME",
+                   help="evaluation data: fashion-mnist (offline, Debian package); cifar10, cifar100, pets "
+                        "(online, torchvision); imagenet:PATH (a local validation folder, one wnid subfolder per "
+                        "class); imagefolder:PATH (your folder: one subfolder per class, the sorted subfolder "
+                        "names are the classes, '_' read as a space)")
+    p.add_argument("--split", default="test", help="the dataset's split: test or train (folders have none)")
+    p.add_argument("--classnames", nargs="+", metavar="NAME", default=None,
+                   help="class names in label order (a folder's: its sorted subfolders) in place of the "
+                        "dataset's own; one argument that names a file reads one name per line")
+    p.add_argument("--templates", nargs="+", metavar="TEMPLATE", default=None,
+                   help="prompt templates with {c} for the class name, e.g. 'a photo of a {c}.' (the article "
+                        "agrees: an apple, trousers), in place of the dataset's own; one argument that names a "
+                        "file reads one per line")
+    p.add_argument("--anchors", default="clipart+tuxpaint", metavar="SET",
+                   help="coupled image-caption anchors: clipart, tuxpaint (offline, Debian packages), "
+                        "fashion-mnist-train (in-domain captions), captions:FILE.csv|jsonl (image path and caption "
+                        "per row), webdataset:PATTERN (tar shards); combine sets with +")
+    p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME",
+                   help="image encoder: a name from `asif encoders`, or any timm model (online)")
+    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME",
+                   help="text encoder: a name from `asif encoders`, any sentence-transformers model (online) "
+                        "or a local model folder")
+    p.add_argument("--non-zeros", type=positive_int, default=800, metavar="K",
+                   help="k: anchors kept in each relative representation (paper: 800)")
+    p.add_argument("--exponents", type=positive_float, nargs="+", default=[8.0], metavar="P",
+                   help="exponents p, one curve each; the first is the headline (paper: 8)")
     p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=positive_int, nargs="+", default=None,
-                   help="default: powers of two up to all anchors")
-    p.add_argument("--reduce", choices=["max", "mean"], default="max")
-    p.add_argument("--limit", type=positive_int, default=None, help="test images (default: all)")
-    p.add_argument("--anchor-limit", type=positive_int, default=None, help="anchor pairs (default: all)")
-    p.add_argument("--device", type=device_name, default="auto")
-    p.add_argument("--out", default=None, metavar="result.json")
-    p.add_argument("--plot", type=plot_file, default=None, metavar="fig.png", help="also draw the accuracy-vs-anchors figure")
-    p.add_argument("--quiet", action="store_true")
+                   metavar="N", help="anchor counts of the curve, each evaluated on the first N anchors "
+                                     "(default: powers of two from 64, then all)")
+    p.add_argument("--reduce", choices=["max", "mean"], default="max",
+                   help="a class's score: its best template (max, the paper's code) or its prompts' mean "
+                        "(mean, CLIP's prompt ensemble)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                   help="a seeded random subset of N test images, and the first N anchors unless --anchor-limit "
+                        "(default: all; ASIF_SMOKE=1 gives 200)")
+    p.add_argument("--anchor-limit", type=positive_int, default=None, metavar="N",
+                   help="the first N anchor pairs of the set's seeded order (default: --limit, else all)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", default=None, metavar="result.json",
+                   help="write clip_benchmark JSON: metrics = the headline (all anchors, the first exponent), "
+                        "headline = its count, exponent and per-class recall, results = every (count, exponent), "
+                        "params = encoders, data, class names, templates, prompts, chance, majority-class rate")
+    p.add_argument("--plot", type=plot_file, default=None, metavar="fig.png",
+                   help="also draw the accuracy-vs-anchors figure")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (embedding, loading weights, sweep)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("notebooks", help="run the notebooks headless, leaving executed copies in --out")
+    p = sub.add_parser("notebooks", help="run the notebooks headless, leaving executed copies (.ipynb, and .html "
+                                         "that draws the widgets offline) in --out")
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(NOTEBOOKS)}")
     p.add_argument("--out", default="build/notebooks")
     p.add_argument("--smoke", action="store_true", help="small data (ASIF_SMOKE=1)")
     p.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell")
     p.set_defaults(func=cmd_notebooks)
 
-    p = sub.add_parser("report", help="rewrite the README's results section from a run's JSON and figures")
-    p.add_argument("--build", default="build")
-    p.add_argument("--readme", default="README.md")
-    p.add_argument("--seconds", type=non_negative_float, default=None, help="wall time of the run, to state in the README")
-    p.add_argument("--build-seconds", type=non_negative_float, default=None, help="the part of it spent in `asif data build`")
+    p = sub.add_parser("report", help="the Markdown report of a run (<build>/report.md); --readme also puts "
+                                      "it into the README (maintainers)")
+    p.add_argument("--build", default="build", help="the run's folder: zero_shot_*.json and fig5_*.png")
+    p.add_argument("--out", default=None, metavar="report.md", help="where to write the report "
+                                                                   "(default: report.md in --build)")
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="also rewrite this README's results section (between the results markers) and copy the "
+                        "figures to docs/figures beside it; `bash run.sh` never does")
+    p.add_argument("--seconds", type=non_negative_float, default=None,
+                   help="wall time of the run, to state in the report (kept in <build>/run_times.json)")
+    p.add_argument("--build-seconds", type=non_negative_float, default=None,
+                   help="the part of it spent in `asif data build`")
     p.set_defaults(func=cmd_report)
 
 
@@ -615,7 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_commands(sub)
     _add_data_commands(sub)
     _add_run_commands(sub)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help shows the defaults (HelpFormatter), subcommands of subcommands too."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from asif.errors import DataError, MissingDataError, OfflineError
 from asif.images import IMAGE_EXTENSIONS, LazyImages, load_image, subset_images
 from asif.storage import atomic_write, make_folder, printable, sha256_text
 
-__all__ = ["DATASETS", "EvalDataset", "load_dataset", "load_classnames", "load_templates", "read_idx",
-           "seeded_subset", "file_id", "torchvision_images", "FASHION_MNIST_DIR"]
+__all__ = ["DATASETS", "EvalDataset", "load_dataset", "load_classnames", "load_templates", "fill_template",
+           "read_idx", "seeded_subset", "file_id", "torchvision_images", "FASHION_MNIST_DIR"]
 
 
 def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -71,6 +72,37 @@ def load_templates(dataset: str) -> list[str]:
     return list(templates[dataset])
 
 
+# Words that start with a vowel letter but not a vowel sound, and the reverse.
+_A_BEFORE = re.compile(r"(uni|use|usu|uti|ure|uk|eu|ewe|one|once)", re.IGNORECASE)
+_AN_BEFORE = re.compile(r"(hour|honest|honou?r|heir)", re.IGNORECASE)
+_ARTICLE = re.compile(r"\b([Aa]) \{c\}")
+
+
+def _is_plural(name: str) -> bool:
+    """"trousers", "sunglasses", "jeans" are plural; "dress", "bus", "iris" are not."""
+    return re.search(r"[^siu]s$", name.split()[-1].lower()) is not None
+
+
+def fill_template(template: str, classname: str) -> str:
+    """``template`` with ``{c}`` replaced by ``classname``, the article before it agreeing with the name.
+
+    "a photo of a {c}." gives "a photo of an ankle boot.", "a photo of
+    trousers.", "a photo of a t-shirt."; a template without "a {c}" is
+    filled as it stands.
+    """
+    name = classname.strip()
+
+    def article(match: re.Match) -> str:
+        if _is_plural(name):
+            return name
+        vowel = name[:1].lower() in "aeiou" and not _A_BEFORE.match(name)
+        an = vowel or bool(_AN_BEFORE.match(name))
+        a = match.group(1)
+        return f"{a}n {name}" if an else f"{a} {name}"
+
+    return _ARTICLE.sub(article, template).replace("{c}", name)
+
+
 @dataclass
 class EvalDataset:
     """A labelled evaluation set.
@@ -101,8 +133,26 @@ class EvalDataset:
         return len(self.labels)
 
     def prompts(self) -> list[str]:
-        """The C*T prompts, class-major: the T templates of class 0, then of class 1, ..."""
-        return [t.replace("{c}", c) for c in self.classnames for t in self.templates]
+        """The C*T prompts, class-major: the T templates of class 0, then of class 1, ...
+        (``fill_template``: the article before the class name agrees with it)."""
+        return [fill_template(t, c) for c in self.classnames for t in self.templates]
+
+    def with_prompts(self, classnames: Sequence[str] | None = None,
+                     templates: Sequence[str] | None = None) -> "EvalDataset":
+        """The same images and labels named with other ``classnames`` (C, in label order) and/or
+        ``templates`` (each with ``{c}``); None keeps the dataset's own."""
+        names = list(classnames) if classnames else self.classnames
+        temps = list(templates) if templates else self.templates
+        if len(names) != len(self.classnames):
+            raise DataError(f"{self.name}: {len(names)} class names given for {len(self.classnames)} classes "
+                            f"({', '.join(self.classnames[:5])}{', ...' if len(self.classnames) > 5 else ''}, "
+                            "in label order)")
+        if any(not n.strip() for n in names):
+            raise DataError(f"{self.name}: a class name is empty")
+        if any("{c}" not in t for t in temps):
+            bad = next(t for t in temps if "{c}" not in t)
+            raise DataError(f"template {bad!r} has no {{c}} placeholder for the class name")
+        return EvalDataset(self.name, self.images, self.labels, names, temps, self.identity, self.ids)
 
     def subset(self, limit: int | None, seed: int = 0) -> "EvalDataset":
         """A seeded random subset of ``limit`` items (all when None), in dataset order."""
@@ -226,7 +276,7 @@ def _torchvision(name: str, split: str) -> EvalDataset:
             ds = tvd.OxfordIIITPet(str(root), split="trainval" if train else "test", download=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on bad archives
         raise OfflineError(f"{name} is downloaded by torchvision into {root} and the download failed ({e}). "
-                           f"It needs network access once; offline, use fashion-mnist or imagefolder:PATH")
+                           f"It needs network access once; offline, use fashion-mnist or imagefolder:PATH") from None
     labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds._labels, dtype=np.int64)
     images = torchvision_images(ds)
     return EvalDataset(name, images, labels, load_classnames(name), load_templates(name),
@@ -272,7 +322,9 @@ def _imagefolder(path: str, dataset: str = "imagefolder", classnames: list[str] 
     names = classnames or [printable(c).replace("_", " ") for c in classes]
     identity = {"dataset": dataset, "root_classes_sha256": sha256_text("\n".join(classes)),
                 "files_sha256": sha256_text("\n".join(ids))}
-    return EvalDataset(dataset, paths, np.asarray(labels, dtype=np.int64), names,
+    # named after the folder (progress bars, cache folders); the cache keys on ``identity``
+    name = f"{dataset}-{root.resolve().name}" if dataset == "imagefolder" else dataset
+    return EvalDataset(name, paths, np.asarray(labels, dtype=np.int64), names,
                        templates or load_templates("imagefolder"), identity, ids)
 
 

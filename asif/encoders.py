@@ -24,9 +24,11 @@ use it as their key, so it must change whenever the vectors could.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 import math
 import os
 from pathlib import Path
@@ -483,8 +485,27 @@ def _folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None) -> TextEncoder:
-    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name."""
+@contextlib.contextmanager
+def _loading_bar(enabled: bool):
+    """transformers draws a "Loading weights" bar while a model loads: hidden unless ``enabled``."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        enabled = True  # nothing to hide
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None,
+                      progress: bool = True) -> TextEncoder:
+    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name.
+    ``progress=False`` hides the weights-loading bar."""
     from sentence_transformers import SentenceTransformer
     dev = asif_core.pick_device(device)
     dt = _resolve_dtype(dev, dtype)
@@ -506,7 +527,9 @@ def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=Non
         folder = None
         weights = {"source": f"hub:{name}"}
     try:
-        model = SentenceTransformer(str(folder) if folder else name, device=str(dev), local_files_only=folder is not None)
+        with _loading_bar(progress):
+            model = SentenceTransformer(str(folder) if folder else name, device=str(dev),
+                                        local_files_only=folder is not None)
     except (OSError, ValueError, ConnectionError) as e:  # hub unreachable, or no such repository
         offline = ", ".join(sorted(_PACKAGED_TEXT))
         raise ASIFInputError(f"cannot load text encoder {name!r} ({type(e).__name__}): unknown name, or "
@@ -571,6 +594,28 @@ class ClipBaseline:
                                 lambda batch: self.model.encode_text(self.tokenizer(batch).to(self.device)))
 
 
+@contextlib.contextmanager
+def _root_log_kept():
+    """Records logged to the root logger inside the block go into the list yielded, not to stderr.
+
+    Without a handler of its own the root logger would install one on stderr
+    for good (``logging.basicConfig``) at the first record.
+    """
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [Keep()]
+    try:
+        yield records
+    finally:
+        root.handlers = saved
+
+
 def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k", device="auto") -> ClipBaseline:
     """Load an open_clip model; ``pretrained=None`` gives random weights (tests)."""
     import open_clip
@@ -583,7 +628,8 @@ def load_clip(model: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b7
         raise ASIFInputError(f"no pretrained tag {pretrained!r} for CLIP {model!r}; known: "
                              f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'}")
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
+        with _root_log_kept():  # open_clip logs a failed download before raising it: one message, ours
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=dev)
     except (OSError, ConnectionError, RuntimeError) as e:
         # open_clip reports a failed download as a RuntimeError
         if isinstance(e, RuntimeError) and "download" not in str(e).lower():

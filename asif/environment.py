@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 from asif.config import DATA_DIR, is_smoke
+from asif.errors import ASIFInputError
 
-__all__ = ["APT_PACKAGES", "in_colab", "machine_summary", "missing_apt_packages", "setup_notebook"]
+__all__ = ["APT_PACKAGES", "in_colab", "machine_summary", "missing_apt_packages", "setup_notebook", "one_line_errors"]
 
 APT_PACKAGES = tuple((DATA_DIR / "apt-packages.txt").read_text().split())
 
@@ -65,6 +66,28 @@ def setup_notebook(install: bool | None = None) -> dict:
         print("installing", " ".join(missing), "...", flush=True)
         subprocess.run("apt-get -qq update && apt-get -qq install -y --no-install-recommends " + " ".join(missing),
                        shell=True, check=False, stdout=subprocess.DEVNULL)
+    one_line_errors()
     info = machine_summary()
     print("smoke mode" if info["smoke"] else "full mode", "| device:", info["device"])
     return info
+
+
+def one_line_errors() -> bool:
+    """In IPython, an ``ASIFInputError`` (a choice that can't run here, a bad input) shows as its
+    one-line message instead of a traceback; the cell still fails. False outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+
+    def short(shell, etype, value, tb, tb_offset=None):
+        # IPython hands the error to this handler and shows nothing itself
+        stb = [f"{etype.__name__}: {value}"]
+        shell._showtraceback(etype, value, stb)
+        return stb
+
+    shell.set_custom_exc((ASIFInputError,), short)
+    return True

@@ -1,8 +1,10 @@
 """Metrics, named and shaped as LAION clip_benchmark reports them.
 
   classification   acc1, acc5, mean_per_class_recall from scores [Q, C] and labels [Q]
+  per class        recall of each class, the confusion matrix, the majority-class rate
   retrieval        image_retrieval_recall@k and text_retrieval_recall@k from sim [n_images, n_texts]
-  results JSON     ``dataset``, ``model``, ``task``, ``metrics`` plus one entry per (anchor count, exponent)
+  results JSON     ``dataset``, ``model``, ``task``, ``metrics`` (the headline: all anchors, the first
+                   exponent) plus one entry per (anchor count, exponent)
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from asif.errors import ASIFInputError
 
-__all__ = ["check_labels", "classification_metrics", "retrieval_metrics", "zero_shot_result", "results_table",
+__all__ = ["check_labels", "classification_metrics", "majority_class_rate", "confusion_matrix",
+           "per_class_recall", "retrieval_metrics", "headline_row", "zero_shot_result", "results_table",
            "METRIC_KEYS"]
 
 METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
@@ -54,6 +57,32 @@ def classification_metrics(scores, labels) -> dict:
             "mean_per_class_recall": float(recalls.mean())}
 
 
+def majority_class_rate(labels) -> float:
+    """Accuracy of always answering the most frequent class of ``labels`` [Q]: the bar beside chance."""
+    y = np.asarray(labels, dtype=np.int64)
+    if y.size == 0:
+        raise ASIFInputError("labels: empty; the majority-class rate needs at least one label")
+    return float(np.bincount(y).max() / y.size)
+
+
+def confusion_matrix(scores, labels) -> np.ndarray:
+    """int64 [C, C] from scores [Q, C] and labels [Q]: row = true class, column = top-1 prediction."""
+    s = torch.as_tensor(scores)
+    n_classes = s.shape[1]
+    y = check_labels(labels, s.shape[0], n_classes).to(s.device)
+    pred = s.argmax(dim=1)
+    flat = torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes).cpu().numpy()
+
+
+def per_class_recall(confusion: np.ndarray) -> np.ndarray:
+    """Top-1 recall of each class [C] from a confusion matrix; NaN for a class with no test image."""
+    confusion = np.asarray(confusion)
+    n = confusion.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.diag(confusion) / np.maximum(n, 1), np.nan)
+
+
 def retrieval_metrics(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Recall@k both ways from sim [n_images, n_texts] and text_to_image [n_texts].
 
@@ -85,17 +114,31 @@ def retrieval_metrics(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dic
     return out
 
 
+def headline_row(rows: Sequence[dict]) -> dict:
+    """The row a result leads with: every anchor (the largest count) and the first exponent asked for
+    (the paper's p = 8 in the defaults). Rows come as the sweep gives them: count ascending, then
+    exponents in the order asked."""
+    if not rows:
+        raise ASIFInputError("no results: the sweep returned no rows")
+    n_max = max(r["n_anchors"] for r in rows)
+    return next(r for r in rows if r["n_anchors"] == n_max)
+
+
 def zero_shot_result(rows: Sequence[dict], *, dataset: str, model: str, params: dict | None = None,
-                     wall_time: float | None = None) -> dict:
+                     wall_time: float | None = None, headline: dict | None = None) -> dict:
     """The sweep's rows as clip_benchmark-style JSON.
 
-    ``metrics`` holds the last row (the most anchors, the last exponent);
-    ``results`` one entry per (anchor count, exponent); plus the parameters,
-    library versions and wall time.
+    ``metrics`` holds the headline (``headline_row``: all anchors, the first
+    exponent), which ``headline`` names (``n_anchors``, ``exponent``, plus
+    what the ``headline`` argument adds, e.g. per-class recall); ``results``
+    one entry per (anchor count, exponent); plus the parameters, library
+    versions and wall time.
     """
+    top = headline_row(rows)
     out = {
         "dataset": dataset, "model": model, "task": "zeroshot_classification",
-        "metrics": {k: rows[-1][k] for k in METRIC_KEYS},
+        "metrics": {k: top[k] for k in METRIC_KEYS},
+        "headline": {"n_anchors": top["n_anchors"], "exponent": top["exponent"], **(headline or {})},
         "results": [{"n_anchors": r["n_anchors"], "exponent": r["exponent"], "non_zeros": r["non_zeros"],
                      "reduce": r["reduce"], "metrics": {k: r[k] for k in METRIC_KEYS}} for r in rows],
         "params": dict(params or {}),

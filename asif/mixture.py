@@ -33,7 +33,7 @@ import asif_core
 from asif.errors import ASIFInputError
 from asif.metrics import classification_metrics
 
-__all__ = ["RULES", "source_counts", "mixture_scores", "mixture_sweep"]
+__all__ = ["RULES", "source_counts", "mixture_scores", "mixture_sweep", "rows_from_scores"]
 
 RULES = ("union", "mean", "gated")
 
@@ -108,6 +108,12 @@ def mixture_sweep(anchor_images, anchor_texts, sources, images, labels, prompts,
     scores = mixture_scores(anchor_images, anchor_texts, sources, images, prompts, n_classes,
                             anchor_counts=anchor_counts, exponents=exponents, non_zeros=non_zeros,
                             reduce=reduce, rule=rule, **compute)
+    return rows_from_scores(scores, labels, exponents, non_zeros, reduce, rule)
+
+
+def rows_from_scores(scores: dict, labels, exponents: Sequence[float], non_zeros: int, reduce: str,
+                     rule: str) -> list[dict]:
+    """One row of metrics per (n, p) of ``mixture_scores``, n ascending, p in the order given."""
     rows = []
     for n in sorted({n for n, _ in scores}):
         for p in [float(p) for p in exponents]:

@@ -23,12 +23,15 @@ import asif_core
 from asif import mixture, registry, storage
 from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
 from asif.config import cache_root, progress_bar
+from asif.datasets import load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
 from asif.errors import ASIFInputError
-from asif.metrics import METRIC_KEYS, classification_metrics, zero_shot_result
+from asif.metrics import (METRIC_KEYS, classification_metrics, confusion_matrix, headline_row, majority_class_rate,
+                          per_class_recall, zero_shot_result)
 
-__all__ = ["Choice", "load_choice", "save_choice", "choice_options", "Prepared", "prepare", "build_model",
-           "default_anchor_counts", "ZeroShotRun", "run_zero_shot", "clip_zero_shot", "build_default", "verify_cache"]
+__all__ = ["Choice", "load_choice", "save_choice", "choice_options", "parse_exponents", "Prepared", "prepare",
+           "build_model", "default_anchor_counts", "ZeroShotRun", "run_zero_shot", "clip_zero_shot", "build_default",
+           "verify_cache"]
 
 
 # ---------------------------------------------------------------------------
@@ -48,6 +51,8 @@ class Choice:
     non_zeros: int = 800
     exponents: list = field(default_factory=lambda: [8.0, 3.0, 1.0])
     precomputed: str | None = None  # a registry name, fetched instead of embedding
+    classnames: list | None = None  # the dataset's class names in label order, in place of its own
+    templates: list | None = None   # prompt templates with {c}, in place of the dataset's own
     mixing: str = "union"           # how anchor sources are combined (asif.mixture.RULES)
 
     @property
@@ -58,6 +63,18 @@ class Choice:
     def slug(self) -> str:
         """dataset_anchors, safe as part of a file name."""
         return storage.slug(f"{self.dataset}_{self.anchor_set}".replace("+", "-").replace(":", "-").replace("/", "-"))
+
+
+def parse_exponents(text: str) -> list[float]:
+    """Exponents p typed as "8, 3, 1" (commas or spaces) -> [8.0, 3.0, 1.0]; each must be > 0."""
+    parts = [t for t in text.replace(",", " ").split() if t]
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        raise ASIFInputError(f"exponents: {text!r} is not a list of numbers; type e.g. 8, 3, 1") from None
+    if not values or any(not (v > 0) or v == float("inf") for v in values):
+        raise ASIFInputError(f"exponents: {text!r}; give one or more numbers > 0, e.g. 8, 3, 1 (the paper: 8)")
+    return values
 
 
 def choice_path() -> Path:
@@ -92,13 +109,16 @@ def choice_options() -> dict:
                 ("fashion-mnist  (offline, Debian package)", "fashion-mnist"),
                 ("clipart-objects  (offline, drawings, Debian package)", "clipart-objects"),
                 ("cifar100  (online, torchvision)", "cifar100"), ("cifar10  (online, torchvision)", "cifar10"),
-                ("pets  (online, torchvision)", "pets"), ("imagenet  (local val folder: imagenet:PATH)", "imagenet")]
+                ("pets  (online, torchvision)", "pets"),
+                ("imagenet  (a local validation folder: give its path)", "imagenet"),
+                ("imagefolder  (a local folder, one subfolder per class: give its path)", "imagefolder")]
     anchors = [(f"{DEFAULT_ANCHORS}  (offline, general captions; icons from npm once)", DEFAULT_ANCHORS),
                ("clipart+tuxpaint  (offline, general captions)", "clipart+tuxpaint"),
                ("iconify  (offline once fetched, icon names)", "iconify"),
                ("clipart  (offline)", "clipart"), ("tuxpaint  (offline)", "tuxpaint"),
                ("fashion-mnist-train  (offline, in-domain captions)", "fashion-mnist-train")]
-    precomputed = [("none: embed here", None)] + [(f"{k}  (registry, download)", k) for k in registry.load_registry()]
+    # "" (not None, which a dropdown shows as a blank) stands for "embed here"
+    precomputed = [("none: embed here", "")] + [(f"{k}  (registry, download)", k) for k in registry.load_registry()]
     return {"image_encoder": opts("image"), "text_encoder": opts("text"), "dataset": datasets,
             "anchor_set": anchors, "precomputed": precomputed}
 
@@ -121,10 +141,6 @@ class Prepared:
         """1 / C: the accuracy of a uniform random guess."""
         return 1 / len(self.evals.classnames)
 
-    @property
-    def majority_rate(self) -> float:
-        """The share of the most frequent class among the test images: the accuracy of always guessing it."""
-        return float(np.bincount(self.evals.labels).max() / len(self.evals.labels))
 
 
 def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anchor_limit: int | None = None,
@@ -139,8 +155,11 @@ def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anc
         registry.fetch(choice.precomputed, progress=progress)
     from asif.encoders import load_image_encoder, load_text_encoder
     image_encoder = load_image_encoder(choice.image_encoder, device=device)
-    text_encoder = load_text_encoder(choice.text_encoder, device=device)
-    evals = load_eval_embeddings(choice.dataset, image_encoder, text_encoder, split=split, limit=limit,
+    text_encoder = load_text_encoder(choice.text_encoder, device=device, progress=progress)
+    dataset = choice.dataset
+    if choice.classnames or choice.templates:
+        dataset = load_dataset(dataset, split, limit).with_prompts(choice.classnames, choice.templates)
+    evals = load_eval_embeddings(dataset, image_encoder, text_encoder, split=split, limit=limit,
                                  progress=progress)
     # a test set read from a package that anchors come from too: its items leave the anchors
     anchors = load_anchor_embeddings(choice.anchor_set, image_encoder, text_encoder,
@@ -162,23 +181,51 @@ def build_model(anchors: AnchorEmbeddings, non_zeros: int = 800, exponent: float
 # ---------------------------------------------------------------------------
 
 def default_anchor_counts(n_max: int, smallest: int = 64) -> list[int]:
-    """Powers of two from ``smallest`` up to n_max, and n_max itself: the x axis of Fig. 5."""
+    """Powers of two from ``smallest`` up to n_max, and n_max itself: the x axis of Fig. 5.
+
+    A power of two closer to n_max than a factor sqrt(2) (half a step on the
+    log axis) is left out: its point would sit on top of the full count's.
+    """
     if n_max < 1:
         raise ASIFInputError("no anchors: the anchor set is empty")
     counts, n = [], min(smallest, n_max)
     while n < n_max:
         counts.append(n)
         n *= 2
+    if counts and n_max < counts[-1] * 2 ** 0.5:
+        counts.pop()
     return counts + [n_max]
+
+
+# Scores of every (count, exponent) come back from the one pass when they fit
+# in this many bytes; beyond (ImageNet-sized sweeps) the headline's scores
+# take a second pass over its anchors.
+SCORES_BUDGET = 256 * 2 ** 20
 
 
 @dataclass
 class ZeroShotRun:
-    """A sweep's rows (one per anchor count and exponent), its clip_benchmark JSON, chance and wall time."""
+    """A sweep's rows (one per anchor count and exponent), its clip_benchmark JSON, chance and wall time,
+    and for the headline (all anchors, the first exponent) its confusion matrix [C, C] (row = true class)."""
     rows: list[dict]
     result: dict
     chance: float
     wall_time: float
+    confusion: np.ndarray
+    classnames: list[str]
+
+    @property
+    def headline(self) -> dict:
+        """The row the result leads with: all anchors, the first exponent (``metrics.headline_row``)."""
+        return headline_row(self.rows)
+
+    def summary(self) -> str:
+        """One labelled line: the headline's accuracy beside chance and the majority-class rate."""
+        top, p = self.headline, self.result["params"]
+        return (f"top-1 accuracy {100 * top['acc1']:.1f}% with all {top['n_anchors']} anchors, "
+                f"p = {top['exponent']:g}, k = {top['non_zeros']}, reduce = {top['reduce']} "
+                f"(chance {100 * self.chance:.1f}%, majority class {100 * p['majority_class_rate']:.1f}%; "
+                f"{p['n_test']} test images)")
 
     def save(self, path) -> Path:
         """Write the JSON atomically."""
@@ -203,26 +250,49 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
         raise ASIFInputError(f"anchor_counts: the anchor set {choice.anchor_set} has {len(anchors)} pairs, "
                              f"asked for {max(counts)}")
     mixing = mixing or choice.mixing
+    n_classes = len(evals.classnames)
     start = time.perf_counter()
-    if mixing == "union" or len(anchors.source_names) == 1:
-        rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts,
-                               len(evals.classnames), anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
-                               reduce=reduce, device=device, progress=progress)
+    if mixing != "union" and len(anchors.source_names) > 1:
+        by = mixture.mixture_scores(anchors.A_img, anchors.A_txt, anchors.sources, evals.images, evals.prompts,
+                                    n_classes, anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
+                                    reduce=reduce, rule=mixing, device=device)
+        rows = mixture.rows_from_scores(by, evals.labels, exponents, non_zeros, reduce, mixing)
+        top = headline_row(rows)
+        scores = by[(top["n_anchors"], top["exponent"])]
     else:
-        rows = mixture.mixture_sweep(anchors.A_img, anchors.A_txt, anchors.sources, evals.images, evals.labels,
-                                     evals.prompts, len(evals.classnames), anchor_counts=counts, exponents=exponents,
-                                     non_zeros=non_zeros, reduce=reduce, rule=mixing, device=device)
+        keep_scores = 4 * len(evals.labels) * n_classes * len(counts) * len(exponents) <= SCORES_BUDGET
+        rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts, n_classes,
+                               anchor_counts=counts, exponents=exponents, non_zeros=non_zeros, reduce=reduce,
+                               device=device, progress=progress, return_scores=keep_scores)
+        top = headline_row(rows)
+        if keep_scores:
+            scores = top["scores"]
+            for r in rows:
+                del r["scores"]
+        else:
+            n = top["n_anchors"]
+            scores = asif_core.classify(anchors.A_img[:n], anchors.A_txt[:n], evals.images, evals.prompts,
+                                        n_classes, non_zeros=non_zeros, exponent=top["exponent"], reduce=reduce,
+                                        device=device)
     wall = time.perf_counter() - start
+    confusion = confusion_matrix(scores, evals.labels)
+    recall = per_class_recall(confusion)
     info = {"non_zeros": non_zeros, "exponents": [float(p) for p in exponents], "anchor_counts": counts,
-            "reduce": reduce, "mixing": mixing, "sources": anchors.source_names, "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
+            "reduce": reduce, "mixing": mixing, "sources": anchors.source_names,
+            "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
             "anchor_set": choice.anchor_set, "split": evals.dataset.identity.get("split", "test"),
             "n_test": int(len(evals.labels)), "chance": prepared.chance,
+            "majority_class_rate": majority_class_rate(evals.labels),
+            "classnames": list(evals.classnames), "templates": list(evals.templates),
+            "prompts": evals.dataset.prompts(),
             "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped),
             "anchors_shared_with_test_removed": anchors.anchor_set.removed,
-            "majority_rate": prepared.majority_rate,
             **(params or {})}
-    result = zero_shot_result(rows, dataset=choice.dataset, model=choice.model_name, params=info, wall_time=wall)
-    return ZeroShotRun(rows, result, prepared.chance, wall)
+    # a class with no test image has no recall: null in the JSON
+    headline = {"per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(evals.classnames, recall)}}
+    result = zero_shot_result(rows, dataset=choice.dataset, model=choice.model_name, params=info, wall_time=wall,
+                              headline=headline)
+    return ZeroShotRun(rows, result, prepared.chance, wall, confusion, list(evals.classnames))
 
 
 def clip_zero_shot(evals: EvalEmbeddings, model: str = "ViT-B-32", pretrained: str = "laion2b_s34b_b79k",

@@ -197,7 +197,11 @@ def test_a_cache_built_before_the_package_layout_is_still_valid(tmp_path, monkey
     a = C.load_anchor_embeddings("webdataset:inputs/shard-00000.tar", img, txt, root="cache", progress=False)
     e = C.load_eval_embeddings("imagefolder:inputs/folder", img, txt, root="cache", progress=False)
     assert img.rows == txt.rows == 0, "every vector came from the old cache"
-    assert sorted(str(p) for p in Path("cache").rglob("*") if p.is_file() and "verified" not in p.name) == before
+    # the image folder's sets moved from the loader's name to the folder's; nothing else changed
+    renamed = sorted(p.replace("/imagefolder-/", "/imagefolder-folder/")
+                     .replace("/imagefolder-prompts/", "/imagefolder-folder-prompts/") for p in before)
+    assert renamed != before
+    assert sorted(str(p) for p in Path("cache").rglob("*") if p.is_file() and "verified" not in p.name) == renamed
     assert len(a) == 5 and [d["row"] for d in a.dropped] == [3], "the corrupt image is still the failed row"
     assert e.images.shape == (6, 13) and e.labels.tolist() == [0, 0, 0, 1, 1, 1]
     # and the stored vectors are what the encoders give today

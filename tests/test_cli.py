@@ -64,7 +64,10 @@ def test_sweep_writes_clip_benchmark_json(files, capsys):
     rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 5,
                     anchor_counts=[100, 300], exponents=[8, 3], non_zeros=30)
     assert [r["metrics"]["acc1"] for r in res["results"]] == [r["acc1"] for r in rows]
-    assert res["metrics"] == res["results"][-1]["metrics"]
+    # metrics is the headline: all anchors and the first exponent asked for
+    assert res["metrics"] == res["results"][2]["metrics"] and res["headline"] == {"n_anchors": 300, "exponent": 8.0}
+    counts = np.bincount(d["labels"])
+    assert res["params"]["majority_class_rate"] == pytest.approx(counts.max() / counts.sum())
     assert {"torch", "numpy"} <= set(res["versions"]) and res["wall_time_s"] > 0
     printed = capsys.readouterr().out
     assert "acc1" in printed and "mean_per_class_recall" in printed
@@ -132,13 +135,74 @@ def test_eval_then_report(tmp_path, monkeypatch):
                     exponents=[8, 3], non_zeros=50)
     assert [r["metrics"]["acc1"] for r in res["results"]] == [r["acc1"] for r in rows]
 
+    assert res["metrics"]["acc1"] == rows[2]["acc1"], "the headline: 90 anchors, p = 8"
+    assert res["params"]["classnames"][1] == "trousers" and "a photo of trousers." in res["params"]["prompts"]
+    recall = res["headline"]["per_class_recall"]
+    assert list(recall) == res["params"]["classnames"]
+    assert res["metrics"]["mean_per_class_recall"] == pytest.approx(np.mean([r for r in recall.values() if r is not None]))
+
+    # the report goes to build/; the README changes only when asked to
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\ntail\n")
-    assert cli.main(["report", "--build", str(build), "--readme", str(readme), "--seconds", "90"]) == 0
+    assert cli.main(["report", "--build", str(build), "--seconds", "90"]) == 0
+    report = (build / "report.md").read_text()
+    assert f"| 90 | {100 * rows[2]['acc1']:.1f}% | {100 * rows[3]['acc1']:.1f}% |" in report
+    assert f"]({fig.name})" in report and "took 1.5 min" in report and "old" in readme.read_text()
+    assert cli.main(["report", "--build", str(build), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and text.endswith("tail\n")
+    assert "old" not in text and text.endswith("tail\n") and "took 1.5 min" in text
     assert f"| 90 | {100 * rows[2]['acc1']:.1f}% | {100 * rows[3]['acc1']:.1f}% |" in text
     assert (tmp_path / "docs" / "figures" / fig.name).exists() and f"docs/figures/{fig.name}" in text
+
+
+def test_eval_on_a_folder_with_its_own_names_and_templates(tmp_path, monkeypatch, photos, capfd):
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path / "cache"))
+    for folder, name in (("cat_photos", "chelsea"), ("mugs", "coffee")):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        for i in range(3):
+            w, h = photos[name].size
+            photos[name].crop((10 * i, 0, w - 10 * i, h)).save(tmp_path / "photos" / folder / f"{i}.jpg")
+    pairs = []
+    for i in range(24):  # anchors: crops of the two photos captioned with what they show
+        name = ("chelsea", "coffee")[i % 2]
+        path = tmp_path / "anchors" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        w, h = photos[name].size
+        photos[name].crop((5 * i, 3 * i, w - 4 * i, h - 2 * i)).resize((64, 48)).save(path)
+        pairs.append({"image": str(path), "caption": ("a cat on a sofa", "a cup of coffee on a saucer")[i % 2]})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ncup of coffee\n")
+    out = tmp_path / "r.json"
+    argv = ["eval", "--dataset", f"imagefolder:{tmp_path / 'photos'}", "--anchors", f"captions:{tmp_path / 'pairs.jsonl'}",
+            "--classnames", str(names), "--templates", "a photo of a {c}.", "a {c} on a table",
+            "--non-zeros", "10", "--exponents", "3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    err = capfd.readouterr().err
+    assert "embed imagefolder-photos images (efficientnet_lite0)" in err
+    assert (tmp_path / "cache" / "embeddings" / "imagefolder-photos").is_dir()
+    res = json.loads(out.read_text())
+    assert res["params"]["classnames"] == ["cat", "cup of coffee"]
+    assert res["params"]["prompts"] == ["a photo of a cat.", "a cat on a table", "a photo of a cup of coffee.",
+                                        "a cup of coffee on a table"]
+    assert res["params"]["majority_class_rate"] == 0.5 and res["headline"]["n_anchors"] == 24
+    # again, quiet and cached: nothing on stderr, not even the weights-loading bar
+    assert cli.main(argv + ["--quiet"]) == 0
+    assert capfd.readouterr().err == ""
+    assert json.loads(out.read_text())["results"] == res["results"]
+    assert cli.main(argv[:5] + ["--classnames", "a", "b", "c", "--quiet"]) == 2
+    assert "3 class names given for 2 classes" in capfd.readouterr().err
+
+
+def test_every_eval_option_is_explained_with_its_default(capsys):
+    assert cli.main(["eval", "--help"]) == 0  # main returns argparse's exit status
+    text = capsys.readouterr().out
+    assert "imagefolder:PATH" in text and "captions:FILE" in text and "(default: fashion-mnist)" in text
+    assert "(default: 800)" in text and "(default: max)" in text and "headline" in text
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    for action in sub.choices["eval"]._actions:
+        assert action.help, f"{action.option_strings} has no help text"
 
 
 @needs("dataset-fashion-mnist")

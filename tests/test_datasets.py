@@ -16,9 +16,9 @@ from PIL import Image
 
 from asif import datasets as D
 from asif.config import DATA_DIR, SMOKE_SIZE
-from asif.errors import DataError, OfflineError
+from asif.errors import ASIFInputError, DataError, OfflineError
 from asif.images import load_image
-from conftest import closed_port_url, needs
+from conftest import closed_port_url, needs, write_images
 
 FM = D.FASHION_MNIST_DIR  # asif.debian's, imported there
 
@@ -52,7 +52,42 @@ def test_subset_is_seeded_and_smoke_env(monkeypatch):
     assert len(D.load_dataset("fashion-mnist")) == SMOKE_SIZE
     prompts = a.prompts()
     T = len(a.templates)
-    assert len(prompts) == 10 * T and prompts[T] == a.templates[0].replace("{c}", a.classnames[1])
+    assert len(prompts) == 10 * T and prompts[T] == D.fill_template(a.templates[0], a.classnames[1])
+
+
+def test_fill_template_makes_the_article_agree():
+    cases = {("a photo of a {c}.", "trousers"): "a photo of trousers.",
+             ("a photo of a {c}.", "ankle boot"): "a photo of an ankle boot.",
+             ("a photo of a {c}.", "t-shirt"): "a photo of a t-shirt.",
+             ("A {c} on a table.", "apple"): "An apple on a table.",
+             ("a photo of a {c}.", "unicycle"): "a photo of a unicycle.",
+             ("a photo of a {c}.", "hourglass"): "a photo of an hourglass.",
+             ("a photo of a {c}.", "dress"): "a photo of a dress.",
+             ("a photo of a {c}.", "bus"): "a photo of a bus.",
+             ("a photo of the {c}.", "trousers"): "a photo of the trousers.",
+             ("itap of a {c}.", "sunglasses"): "itap of sunglasses.",
+             ("{c}", " cat "): "cat"}
+    for (template, name), prompt in cases.items():
+        assert D.fill_template(template, name) == prompt
+    # no prompt of the project's own templates reads "a trousers" or "a ankle boot"
+    prompts = [D.fill_template(t, c) for c in D.load_classnames("fashion-mnist")
+               for t in D.load_templates("fashion-mnist")]
+    assert "a photo of trousers." in prompts and "a photo of an ankle boot." in prompts
+    assert not [p for p in prompts if " a trousers" in p or " a ankle" in p]
+
+
+def test_with_prompts_renames_classes_and_checks_them(tmp_path):
+    for cls in ("cat_pics", "dog_pics"):
+        write_images(tmp_path / "pets" / cls, 2)
+    ds = D.load_dataset(f"imagefolder:{tmp_path / 'pets'}")
+    assert ds.name == "imagefolder-pets" and ds.classnames == ["cat pics", "dog pics"]
+    named = ds.with_prompts(["cat", "dog"], ["a drawing of a {c}."])
+    assert named.prompts() == ["a drawing of a cat.", "a drawing of a dog."]
+    assert named.identity == ds.identity and named.ids == ds.ids, "the images' cache keys stay"
+    with pytest.raises(ASIFInputError, match="3 class names given for 2 classes"):
+        ds.with_prompts(["a", "b", "c"])
+    with pytest.raises(ASIFInputError, match="no {c} placeholder"):
+        ds.with_prompts(templates=["a photo"])
 
 
 def test_classnames_and_templates_files():

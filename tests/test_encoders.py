@@ -258,6 +258,15 @@ def test_unknown_names_list_the_known_ones():
         asif_encoders.load_image_encoder("efficientnet_lite0", device="cpu", backend="tensorrt")
 
 
+def test_clip_weights_unreachable_give_one_message_and_no_log_line(capfd):
+    import logging
+    handlers = logging.getLogger().handlers[:]
+    with pytest.raises(ASIFInputError, match="cannot fetch CLIP weights ViT-B-32/laion2b_s34b_b79k"):
+        asif_encoders.load_clip("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+    assert "Failed to download" not in capfd.readouterr().err, "open_clip's own log line is kept, not printed"
+    assert logging.getLogger().handlers == handlers
+
+
 def test_clip_baseline_code_path(photos):
     clip = asif_encoders.load_clip("ViT-B-32", pretrained=None, device="cpu")
     img = clip.encode_image([photos["chelsea"], photos["coffee"]], progress=False)

@@ -25,3 +25,26 @@ def test_setup_notebook_installs_nothing_outside_colab(capsys, monkeypatch):
 def test_missing_apt_packages_lists_only_known_packages():
     missing = environment.missing_apt_packages()
     assert set(missing) <= set(environment.APT_PACKAGES)
+
+
+def test_chromium_for_tests_is_not_in_the_colab_list():
+    assert "chromium" not in environment.APT_PACKAGES
+    assert "chromium" in (ROOT / "tests" / "apt-packages.txt").read_text().split()
+    assert "tests/apt-packages.txt" in (ROOT / "run.sh").read_text()
+
+
+def test_asif_errors_show_as_one_line_in_a_notebook():
+    """A choice that cannot run here (offline, a missing folder) ends a notebook cell in one line."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from asif.environment import one_line_errors\none_line_errors()"),
+                nbformat.v4.new_code_cell("from asif.datasets import load_dataset\n"
+                                          "load_dataset('imagefolder:/no/such/folder')"),
+                nbformat.v4.new_code_cell("1 / 0")]
+    NotebookClient(nb, timeout=60, kernel_name="python3", allow_errors=True).execute()
+    error = nb.cells[1].outputs[0]
+    assert error.output_type == "error" and error.ename == "DataError"
+    assert error.traceback == ["DataError: imagefolder: /no/such/folder is not a folder; give a folder with one "
+                               "subfolder per class"]
+    assert len(nb.cells[2].outputs[0].traceback) > 1, "other errors keep their traceback"

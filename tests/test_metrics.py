@@ -35,6 +35,20 @@ def test_labels_in_any_byte_order_or_integer_type():
         assert got == want or labels.dtype == bool
 
 
+def test_confusion_recall_and_majority_by_hand():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.0, 0.9, 0.1]])
+    labels = [0, 1, 1, 2, 1]
+    c = metrics.confusion_matrix(scores, labels)
+    assert c.tolist() == [[1, 0, 0], [0, 2, 1], [1, 0, 0]]
+    np.testing.assert_allclose(metrics.per_class_recall(c), [1.0, 2 / 3, 0.0])
+    assert c.sum() == 5 and np.trace(c) / 5 == metrics.classification_metrics(scores, labels)["acc1"]
+    assert metrics.per_class_recall(np.array([[2, 0], [0, 0]])).tolist()[0] == 1.0
+    assert np.isnan(metrics.per_class_recall(np.array([[2, 0], [0, 0]]))[1])  # no image of class 1
+    assert metrics.majority_class_rate(labels) == 3 / 5
+    with pytest.raises(ASIFInputError, match="empty"):
+        metrics.majority_class_rate([])
+
+
 def test_retrieval_metrics_by_brute_force():
     rng = np.random.default_rng(0)
     sim = rng.random((6, 12))
@@ -53,8 +67,11 @@ def test_zero_shot_result_and_table():
     rows = [{"n_anchors": n, "exponent": p, "non_zeros": 5, "reduce": "max", "acc1": a, "acc5": 1.0,
              "mean_per_class_recall": a}
             for n, p, a in [(10, 8.0, 0.5), (10, 1.0, 0.25), (20, 8.0, 0.75), (20, 1.0, 0.125)]]
-    res = metrics.zero_shot_result(rows, dataset="d", model="m", params={"x": 1}, wall_time=1.23456)
-    assert res["task"] == "zeroshot_classification" and res["metrics"]["acc1"] == 0.125
+    res = metrics.zero_shot_result(rows, dataset="d", model="m", params={"x": 1}, wall_time=1.23456,
+                                   headline={"extra": 2})
+    # the headline: all anchors (20) and the first exponent (8), not the last row
+    assert res["task"] == "zeroshot_classification" and res["metrics"]["acc1"] == 0.75
+    assert res["headline"] == {"n_anchors": 20, "exponent": 8.0, "extra": 2}
     assert [(r["n_anchors"], r["exponent"], r["metrics"]["acc1"]) for r in res["results"]] == \
         [(r["n_anchors"], r["exponent"], r["acc1"]) for r in rows]
     assert res["wall_time_s"] == 1.235 and res["params"] == {"x": 1}

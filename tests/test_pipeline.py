@@ -1,6 +1,7 @@
 """From names to results: the choice, prepare, run_zero_shot and its JSON, on fake encoders."""
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -38,6 +39,10 @@ def test_default_anchor_counts():
     assert pipeline.default_anchor_counts(1000) == [64, 128, 256, 512, 1000]
     assert pipeline.default_anchor_counts(50) == [50]
     assert pipeline.default_anchor_counts(128) == [64, 128]
+    # a power of two within a factor sqrt(2) of the full count would hide under its point
+    assert pipeline.default_anchor_counts(8377) == [64, 128, 256, 512, 1024, 2048, 4096, 8377]
+    assert pipeline.default_anchor_counts(725) == [64, 128, 256, 512, 725]
+    assert pipeline.default_anchor_counts(723) == [64, 128, 256, 723]
     with pytest.raises(ASIFInputError):
         pipeline.default_anchor_counts(0)
 
@@ -54,13 +59,33 @@ def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_pa
     p = run.result["params"]
     assert p["anchor_counts"] == [20, 40] and p["n_test"] == 12 and p["note"] == "x"
     assert p["anchor_set"] == prepared.choice.anchor_set and p["chance"] == pytest.approx(1 / 3)
-    assert p["majority_rate"] == pytest.approx(4 / 12) and p["anchors_shared_with_test_removed"] == 0
+    assert p["majority_class_rate"] == pytest.approx(4 / 12) and p["anchors_shared_with_test_removed"] == 0
     assert run.result["model"] == f"asif:fake-image+fake-text@{prepared.choice.anchor_set}"
     back = json.loads(run.save(tmp_path / "out" / "r.json").read_text())
     assert pipeline.rows_from_result(back) == [{k: r[k] for k in ("n_anchors", "exponent", "acc1", "acc5",
                                                                    "mean_per_class_recall")} for r in run.rows]
+    # the headline (all anchors, the first exponent) leads the JSON, with what it needs beside it
+    assert run.result["metrics"]["acc1"] == run.rows[2]["acc1"] and run.headline is run.rows[2]
+    assert run.result["headline"]["n_anchors"] == 40 and run.result["headline"]["exponent"] == 8.0
+    classes = sorted(NAMES)  # an image folder's classes are its sorted subfolders
+    assert p["classnames"] == classes and p["templates"] == e.templates and len(p["prompts"]) == 3 * len(e.templates)
+    assert p["prompts"][0] == "a photo of a blue." and p["majority_class_rate"] == pytest.approx(1 / 3)
+    scores = ac.classify(a.A_img, a.A_txt, e.images, e.prompts, 3, non_zeros=10, exponent=8)
+    truth = np.zeros((3, 3), dtype=int)
+    np.add.at(truth, (e.labels, scores.argmax(1)), 1)
+    assert run.confusion.tolist() == truth.tolist() and run.classnames == classes
+    assert run.result["headline"]["per_class_recall"] == {n: truth[i, i] / truth[i].sum() for i, n in enumerate(classes)}
+    assert run.summary().startswith(f"top-1 accuracy {100 * run.rows[2]['acc1']:.1f}% with all 40 anchors, p = 8")
     with pytest.raises(ASIFInputError, match="has 40 pairs, asked for 41"):
         pipeline.run_zero_shot(prepared, anchor_counts=[41], progress=False)
+
+
+def test_headline_scores_from_a_second_pass_when_the_sweep_would_hold_too_many(prepared, monkeypatch):
+    one = pipeline.run_zero_shot(prepared, exponents=[3, 8], non_zeros=10, anchor_counts=[20, 40], progress=False)
+    monkeypatch.setattr(pipeline, "SCORES_BUDGET", 0)
+    two = pipeline.run_zero_shot(prepared, exponents=[3, 8], non_zeros=10, anchor_counts=[20, 40], progress=False)
+    assert two.confusion.tolist() == one.confusion.tolist() and two.headline["exponent"] == 3.0
+    assert two.result["headline"] == one.result["headline"] and "scores" not in two.rows[0]
 
 
 def test_default_counts_end_at_all_anchors(prepared):
@@ -75,6 +100,10 @@ def test_choice_is_saved_and_read_back(tmp_path, monkeypatch):
     assert pipeline.save_choice(c) == tmp_path / "choice.json"
     assert pipeline.load_choice() == c
     assert c.slug == "cifar10_iconify-clipart-tuxpaint"
+    assert pipeline.parse_exponents("8, 3 1") == [8.0, 3.0, 1.0]
+    for bad in ("", "8, -1", "eight", "0", "inf"):
+        with pytest.raises(ASIFInputError, match="exponents"):
+            pipeline.parse_exponents(bad)
     opts = pipeline.choice_options()
     assert ("fashion-mnist  (offline, Debian package)", "fashion-mnist") in opts["dataset"]
     assert opts["image_encoder"][0][1] == "efficientnet_lite0"
