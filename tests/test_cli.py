@@ -625,3 +625,10 @@ def test_eval_prints_what_it_left_out(tmp_path, monkeypatch, capsys):
     params = json.loads(out.read_text())["params"]
     assert params["dropped_test_images"] == 1 and params["dropped_anchor_pairs"] == 1 and params["n_test"] == 5
     assert fig.read_text().lstrip().startswith(("<?xml", "<svg")), "the figure in the format its name asks for"
+
+
+@pytest.mark.parametrize("option", ["--classnames", "--templates"])
+def test_eval_name_files_in_another_encoding(tmp_path, option, no_work, capsys):
+    (tmp_path / "names.txt").write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    assert cli.main(["eval", "--dataset", f"imagefolder:{tmp_path}", option, str(tmp_path / "names.txt")]) == 2
+    assert f"{option} {tmp_path / 'names.txt'}: not UTF-8 text (byte 0xe9 on line 1)" in one_line(capsys)
