@@ -24,7 +24,6 @@ on the compute device.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,16 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ASIFInputError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ASIFInputError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ASIFInputError(f"device={device!r}: CUDA is not available on this machine; use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ASIFInputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ASIFInputError(f"device={device!r}: MPS is not available on this machine; use device='cpu' or 'auto'")
     return dev
 
 
@@ -155,11 +161,12 @@ def _shape(x) -> tuple:
     return tuple(getattr(x, "shape", ()))
 
 
-def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = True) -> None:
+def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = True, against: str = "") -> None:
     """Raise ASIFInputError unless ``x`` is [rows, dim], non-empty, finite, no all-zero row.
 
     ``full_scan=False`` checks only the shape; the values of a large memmap
-    are then checked block by block while they are streamed.
+    are then checked block by block while they are streamed. ``against``
+    names the array that ``dim`` comes from (either may be the wrong one).
     """
     shape = _shape(x)
     if len(shape) != 2:
@@ -168,8 +175,12 @@ def check_embeddings(x, name: str, dim: int | None = None, full_scan: bool = Tru
     if shape[0] == 0 or shape[1] == 0:
         raise ASIFInputError(f"{name}: empty array of shape {shape}; give at least one row")
     if dim is not None and shape[1] != dim:
-        raise ASIFInputError(f"{name}: has dim {shape[1]} but {dim} was expected; "
+        raise ASIFInputError(f"{name}: has dim {shape[1]} but {against or 'the anchors'} has dim {dim}; "
                              f"queries must come from the same encoder as the anchors of that modality")
+    dtype = getattr(x, "dtype", None)  # checked here, before any block is read or converted
+    if dtype is not None and not (dtype.is_floating_point if isinstance(dtype, torch.dtype)
+                                  else np.issubdtype(np.dtype(dtype), np.floating)):
+        raise ASIFInputError(f"{name}: dtype {dtype} is not floating point; pass float embeddings")
     if full_scan:
         _check_values(x if torch.is_tensor(x) else np.asarray(x), name, 0)
 
@@ -206,6 +217,8 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int) -> torch.Te
     A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
     one pass finds both without a separate scan of the (maybe huge) anchors.
     """
+    if isinstance(raw, np.ndarray) and not raw.dtype.isnative:  # a .npy saved big-endian: torch reads native only
+        raw = raw.astype(raw.dtype.newbyteorder("="))
     t = torch.from_numpy(np.array(raw, copy=not (isinstance(raw, np.ndarray) and raw.flags.writeable
                                                    and raw.flags.c_contiguous))) if not torch.is_tensor(raw) else raw
     if not t.is_floating_point():
@@ -259,8 +272,8 @@ def _check_classes(n_prompts: int, n_classes) -> int:
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
         raise ASIFInputError(f"n_classes={n_classes!r}: must be a positive integer; an empty class list cannot be classified")
     if n_prompts % n_classes:
-        raise ASIFInputError(f"{n_prompts} prompts do not split into {n_classes} classes; prompts are class-major, "
-                             f"T templates per class, so their count must be n_classes * T")
+        raise ASIFInputError(f"prompts: {n_prompts} rows do not split into n_classes={n_classes} classes; prompts are "
+                             f"class-major, T templates per class, so their count must be C * T")
     return int(n_prompts // n_classes)
 
 
@@ -465,7 +478,8 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
     k = _check_k(non_zeros)
     compute = Compute.of(device, dtype, block_size, memory_budget, progress)
     check_embeddings(anchors, "anchors", full_scan=False)
-    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False)  # values: when normalised
+    # values: when normalised
+    check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")
     counts = _check_counts(_shape(anchors)[0], anchor_counts)
     job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0))
     return _stream([job], k, counts, compute)[0]
@@ -599,8 +613,8 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     compute = Compute.of(device, dtype, block_size, memory_budget, progress)
     check_anchors(anchor_images, anchor_texts, full_scan=False)
     # values are checked (NaN, zero rows) in the same pass that normalises them
-    check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False)
-    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1], full_scan=False)
+    check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False, against="anchor_images")
+    check_embeddings(prompts, "prompts", dim=_shape(anchor_texts)[1], full_scan=False, against="anchor_texts")
     _check_classes(_shape(prompts)[0], n_classes)
     if labels is not None:
         check_labels(labels, _shape(images)[0], n_classes)
@@ -700,19 +714,19 @@ class ASIF:
     def n_anchors(self) -> int:
         return int(_shape(self.anchor_images)[0])
 
-    def _represent(self, x, anchors, name) -> RelativeRepresentation:
-        check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False)
-        job = StreamJob(anchors, name, _normalized_block(x, self.compute, name, 0))
+    def _represent(self, x, anchors, name, anchor_name) -> RelativeRepresentation:
+        check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False, against=anchor_name)
+        job = StreamJob(anchors, anchor_name, _normalized_block(x, self.compute, name, 0))
         top, = _stream([job], self.non_zeros, [self.n_anchors], self.compute)[0]
         return sharpen(top, self.exponent)
 
     def image_representation(self, images) -> RelativeRepresentation:
         """r(x) for images [Q, d1]."""
-        return self._represent(images, self.anchor_images, "images")
+        return self._represent(images, self.anchor_images, "images", "anchor_images")
 
     def text_representation(self, texts) -> RelativeRepresentation:
         """r(t) for texts [Q, d2]."""
-        return self._represent(texts, self.anchor_texts, "texts")
+        return self._represent(texts, self.anchor_texts, "texts", "anchor_texts")
 
     def similarity(self, images, texts) -> np.ndarray:
         """[Q_img, Q_txt] ASIF similarity of image embeddings [Q_img, d1] and text embeddings [Q_txt, d2]."""
@@ -742,8 +756,10 @@ class ASIF:
     def add_anchors(self, anchor_images, anchor_texts, captions: Sequence[str] | None = None) -> "ASIF":
         """Append coupled pairs [n, d1], [n, d2]; the existing anchors are kept as they are."""
         check_anchors(anchor_images, anchor_texts)
-        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1], full_scan=False)
-        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1], full_scan=False)
+        check_embeddings(anchor_images, "anchor_images", dim=_shape(self.anchor_images)[1], full_scan=False,
+                         against="the model's anchor images")
+        check_embeddings(anchor_texts, "anchor_texts", dim=_shape(self.anchor_texts)[1], full_scan=False,
+                         against="the model's anchor texts")
         if (captions is None) != (self.captions is None):
             raise ASIFInputError("captions: give captions for the new pairs exactly when the model has captions")
         if captions is not None and len(captions) != _shape(anchor_images)[0]:
@@ -795,9 +811,9 @@ class ASIF:
         path = folder / "manifest.json"
         if not path.exists():
             raise ASIFInputError(f"{folder}: no manifest.json; not an anchor set folder (write one with ASIF.save)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != ANCHOR_SET_FORMAT:
-            raise ASIFInputError(f"{folder}: format {manifest.get('format')!r} is not {ANCHOR_SET_FORMAT!r}")
+        manifest = storage.read_json(path)  # names the file when it is truncated or not JSON
+        if not isinstance(manifest, dict) or manifest.get("format") != ANCHOR_SET_FORMAT:
+            raise ASIFInputError(f"{folder}: manifest.json is not that of an anchor set ({ANCHOR_SET_FORMAT!r})")
         img = storage.load_embedding_set(folder / "image", verify)
         txt = storage.load_embedding_set(folder / "text", verify)
         params = {"non_zeros": manifest["non_zeros"], "exponent": manifest["exponent"], **kwargs}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from asif.config import smoke_limit
 from asif.datasets import fashion_mnist, file_id
 from asif.errors import DataError
 from asif.images import LazyImages, load_image, render_svg
-from asif.storage import sha256_file, sha256_text
+from asif.storage import printable, read_text, sha256_file, sha256_text
 
 __all__ = ["ANCHOR_SETS", "CoupledData", "AnchorSet", "load_anchor_set", "svg_caption", "read_tuxpaint_text"]
 
@@ -272,42 +273,90 @@ _IMAGE_KEYS = ("image", "image_path", "path", "file", "filepath", "filename", "i
 _CAPTION_KEYS = ("caption", "text", "title", "txt")
 
 
-def _pick(row: dict, keys: Sequence[str], what: str, source: str) -> str:
-    lowered = {k.lower().strip(): v for k, v in row.items() if k}
-    for k in keys:
-        if k in lowered:
-            return lowered[k]
-    raise DataError(f"{source}: no {what} column; name it one of {', '.join(keys)} (found {', '.join(row)})")
+_MISSING = object()
+
+
+def _pick(row: dict, keys: Sequence[str]):
+    """The value of the first of ``keys`` (any case) in ``row``, or ``_MISSING``."""
+    lowered = {k.lower().strip(): v for k, v in row.items() if isinstance(k, str)}
+    return next((lowered[k] for k in keys if k in lowered), _MISSING)
+
+
+def _as_text(value) -> tuple[str | None, str]:
+    """(text, "") for a usable caption or image path, else (None, why not)."""
+    if value is _MISSING or value is None:
+        return None, "missing (null)"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None, f"a JSON {type(value).__name__}, not text"
+    text = str(value).strip()
+    return (text, "") if text else (None, "empty")
+
+
+def _caption_rows(file: Path, source: str) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV with a header or of a JSONL file (UTF-8, a BOM allowed)."""
+    text = read_text(file, source)
+    rows = []
+    if file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: line {n} is not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{source}: line {n} is a JSON {type(row).__name__}, not an object; write one "
+                                '{"image": PATH, "caption": TEXT} per line')
+            rows.append((n, row))
+        return rows
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise DataError(f"{source}: line {reader.line_num} is not valid CSV ({e})") from None
+    return rows
 
 
 def _captions_file(path: str) -> CoupledData:
-    """CSV (with a header) or JSONL of image path + caption; relative paths are from the file's folder."""
-    file = Path(path).expanduser()
+    """CSV (with a header) or JSONL of image path + caption; relative paths are from the file's folder.
+
+    A row without an image path or a caption (missing, null, empty) is
+    skipped and listed with the reason; a file where no row has one of
+    them is an error that names the columns it understands.
+    """
+    file, source = Path(path).expanduser(), f"captions:{path}"
     if not file.exists():
-        raise DataError(f"captions:{path}: file not found")
-    if file.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        rows = []
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"captions:{path}: line {n} is not JSON ({e})")
-    else:
-        with open(file, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        raise DataError(f"{source}: file not found")
+    if file.is_dir():
+        raise DataError(f"{source}: is a directory; give a CSV or JSONL file of image path + caption")
+    rows = _caption_rows(file, source)
     if not rows:
-        raise DataError(f"captions:{path}: no rows")
-    paths, captions = [], []
-    for row in rows:
-        image = Path(_pick(row, _IMAGE_KEYS, "image path", f"captions:{path}")).expanduser()
-        paths.append(image if image.is_absolute() else file.parent / image)
-        captions.append(str(_pick(row, _CAPTION_KEYS, "caption", f"captions:{path}")).strip())
+        raise DataError(f"{source}: no rows")
+    for keys, what in ((_IMAGE_KEYS, "image path"), (_CAPTION_KEYS, "caption")):
+        if all(_pick(row, keys) is _MISSING for _, row in rows):
+            found = sorted({k for _, row in rows for k in row if isinstance(k, str)})
+            raise DataError(f"{source}: no {what} column; name it one of {', '.join(keys)} "
+                            f"(found {', '.join(found) or 'none'})")
+    paths, captions, skipped = [], [], []
+    for n, row in rows:
+        image, why_image = _as_text(_pick(row, _IMAGE_KEYS))
+        caption, why_caption = _as_text(_pick(row, _CAPTION_KEYS))
+        if image is None or caption is None:
+            reason = f"image path {why_image}" if image is None else f"caption {why_caption}"
+            skipped.append({"id": f"{file.name}:{n}", "reason": reason})
+            continue
+        image_path = Path(image).expanduser()
+        paths.append(image_path if image_path.is_absolute() else file.parent / image_path)
+        captions.append(caption)
+    if not paths:
+        raise DataError(f"{source}: none of its {len(rows)} rows has both an image path and a caption "
+                        f"(line {skipped[0]['id'].rsplit(':', 1)[1]}: {skipped[0]['reason']})")
     # A missing image stays in the list: the cache records it as failed and drops the pair.
-    ids = [(file_id(p) if p.exists() else f"{p.as_posix()}:missing") for p in paths]
+    ids = [(file_id(p) if p.exists() else f"{printable(p.as_posix())}:missing") for p in paths]
     identity = {"anchors": "captions", "file": file.name, "file_sha256": sha256_file(file),
                 "files_sha256": sha256_text("\n".join(ids))}
-    return CoupledData(f"captions:{file.name}", paths, captions, ids, identity)
+    return CoupledData(f"captions:{file.name}", paths, captions, ids, identity, skipped=skipped)
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -325,18 +374,22 @@ def _expand_braces(pattern: str) -> list[str]:
     return out
 
 
-def _webdataset(pattern: str) -> CoupledData:
-    """Tar shards of ``KEY.jpg|png|webp`` + ``KEY.txt`` (as img2dataset writes them).
-    The tars are indexed once; images are read lazily by offset."""
-    shards = [Path(p) for p in _expand_braces(os.path.expanduser(pattern))]
-    missing = [str(p) for p in shards if not p.exists()]
-    if not shards or missing:
-        raise DataError(f"webdataset:{pattern}: no such shard(s) {missing[:3] or pattern}")
-    refs, captions, ids, skipped = [], [], [], []
-    for shard in shards:
+def _shard_pairs(shard: Path, pattern: str, skipped: list[dict]):
+    """Yield (key, image member, caption) of one tar shard; pairs without an
+    image, a text or a usable caption go to ``skipped``. A shard that is not a tar or is
+    truncated raises ``DataError`` naming it."""
+    where = f"webdataset:{pattern}: shard {printable(shard)}"
+    if not shard.is_file():
+        raise DataError(f"{where} is not a file")
+    try:
+        size = shard.stat().st_size
         with tarfile.open(shard, "r:") as tar:  # uncompressed tar: members can be read by offset
+            members = tar.getmembers()
             groups: dict[str, dict] = {}
-            for m in tar:
+            for m in members:
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{where} is truncated ({m.name} ends at byte {m.offset_data + m.size}, "
+                                    f"the file has {size}); download it again")
                 if m.isfile():
                     key, _, ext = m.name.rpartition(".")
                     groups.setdefault(key, {})[ext.lower()] = m
@@ -346,10 +399,34 @@ def _webdataset(pattern: str) -> CoupledData:
                 if img is None or "txt" not in g:
                     skipped.append({"id": f"{shard.name}/{key}", "reason": "needs an image and a .txt"})
                     continue
-                text = tar.extractfile(g["txt"]).read().decode("utf-8", errors="replace").strip()
-                refs.append((shard, img.offset_data, img.size))
-                captions.append(text)
-                ids.append(f"{shard.name}/{key}:{img.size}:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
+                try:
+                    text = tar.extractfile(g["txt"]).read().decode("utf-8-sig").strip()
+                except UnicodeDecodeError:
+                    skipped.append({"id": f"{shard.name}/{key}", "reason": "caption is not UTF-8 text"})
+                    continue
+                if not text:
+                    skipped.append({"id": f"{shard.name}/{key}", "reason": "caption empty"})
+                    continue
+                yield key, img, text
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"{where} is not a readable uncompressed tar ({e or type(e).__name__}); webdataset "
+                        "shards are plain .tar files (gunzip a .tar.gz first), download it again if it is cut off") \
+            from None
+
+
+def _webdataset(pattern: str) -> CoupledData:
+    """Tar shards of ``KEY.jpg|png|webp`` + ``KEY.txt`` (as img2dataset writes them).
+    The tars are indexed once; images are read lazily by offset."""
+    shards = [Path(p) for p in _expand_braces(os.path.expanduser(pattern))]
+    missing = [str(p) for p in shards if not p.exists()]
+    if not shards or missing:
+        raise DataError(f"webdataset:{pattern}: no such shard(s) {missing[:3] or pattern}")
+    refs, captions, ids, skipped = [], [], [], []
+    for shard in shards:
+        for key, img, text in _shard_pairs(shard, pattern, skipped):
+            refs.append((shard, img.offset_data, img.size))
+            captions.append(text)
+            ids.append(f"{shard.name}/{key}:{img.size}:{hashlib.sha256(text.encode()).hexdigest()[:16]}")
 
     def read(i):
         shard, offset, size = refs[i]

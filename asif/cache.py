@@ -6,11 +6,14 @@ sha256 over everything that decides the vectors: the encoder's identity
 (model, weights and their version, preprocessing), the modality, the data's
 identity and item ids and, for text, the texts. A change in any of them
 never serves old vectors. Shards of ``shard_rows`` rows are written
-atomically as they finish, with a record in ``.progress/``: a run that is
-killed resumes from the shards already complete. On a hit, a shard whose
-bytes no longer match its sha256 is recomputed (shards unchanged in size
-and mtime since they were last hashed are trusted; see
-``storage.VerifiedShards``).
+atomically as they finish, with a record in ``.progress/``, and inside a
+shard every ``checkpoint_rows`` inputs are kept there too: a run that is
+killed resumes from the work already done, even in its first shard. A
+manifest that cannot be read (truncated, emptied) is rebuilt from the intact
+shards. On a hit, a shard whose bytes no longer match its sha256 is
+recomputed; shards unchanged in size and mtime since they were last hashed
+are trusted (the policy in ``asif.storage``), and ``asif data verify``
+hashes them all.
 
 Also here, what the method consumes: aligned anchor embeddings
 (``load_anchor_embeddings``) and evaluation embeddings with class-major
@@ -35,12 +38,12 @@ from asif.anchors import AnchorSet, CoupledData, load_anchor_set
 from asif.config import cache_root, progress_bar, smoke_limit
 from asif.datasets import EvalDataset, load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
-from asif.errors import DataError
+from asif.errors import DataError, StorageError
 from asif.images import load_image, subset_images
 from asif.storage import EmbeddingSet, sha256_text
 
-__all__ = ["cache_key", "embed_cached", "AnchorEmbeddings", "EvalEmbeddings", "load_anchor_embeddings",
-           "load_eval_embeddings"]
+__all__ = ["cache_key", "embed_cached", "invalidate_damaged", "AnchorEmbeddings", "EvalEmbeddings",
+           "load_anchor_embeddings", "load_eval_embeddings"]
 
 CACHE_FORMAT = "asif-cache/1"
 
@@ -64,48 +67,55 @@ def cache_key(encoder, kind: str, dataset: dict, ids: Sequence[str], texts: Sequ
     return sha256_text(json.dumps(payload, sort_keys=True, default=str))
 
 
-def _encode_rows(encoder, kind: str, items: Sequence, rows: range, batch_size: int,
-                 ids: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
-    """Embed ``items[rows]`` -> (float32 [len(rows), dim], failed).
+def _encode_images(encoder, items: Sequence, rows: Sequence[int], batch_size: int,
+                   ids: Sequence[str]) -> tuple[np.ndarray, list[dict]]:
+    """Embed the images ``items[rows]`` -> (float32 [len(rows), dim], failed).
 
     An image that cannot be loaded leaves a zero row and an entry in
     ``failed``: the rows of the others stay where they are, so image i still
     pairs with caption i.
     """
     out = np.zeros((len(rows), encoder.dim), dtype=np.float32)
-    failed, good, payload, inverse = [], [], [], None
-    if kind == "text":
-        # Captions made from labels repeat a few sentences thousands of times:
-        # each distinct text is embedded once and copied to every row holding it.
-        first: dict[str, int] = {}
-        inverse = np.array([first.setdefault(str(items[r]), len(first)) for r in rows], dtype=np.int64)
-        good, payload = list(range(len(rows))), list(first)
-    else:
-        def attempt(r):
-            try:
-                return load_image(items[r], name=ids[r]), None
-            except Exception as e:  # any decoder/renderer error: record it, never die on one image
-                return None, f"{type(e).__name__}: {e}"
-        # Decoding and SVG rendering release the GIL for most of their time:
-        # a few threads keep them from serialising in front of the encoder.
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-            for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
-                if error is None:
-                    payload.append(image)
-                    good.append(k)
-                else:
-                    failed.append({"row": int(r), "id": ids[r], "error": error})
+    failed, good, payload = [], [], []
+
+    def attempt(r):
+        try:
+            return load_image(items[r], name=ids[r]), None
+        except Exception as e:  # any decoder/renderer error: record it, never die on one image
+            return None, f"{type(e).__name__}: {e}"
+    # Decoding and SVG rendering release the GIL for most of their time:
+    # a few threads keep them from serialising in front of the encoder.
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
+            if error is None:
+                payload.append(image)
+                good.append(k)
+            else:
+                failed.append({"row": int(r), "id": ids[r], "error": error})
     if payload:
-        vectors = np.asarray(encoder.encode(payload, batch_size=batch_size, progress=False), dtype=np.float32)
-        if vectors.shape != (len(payload), encoder.dim):
-            raise DataError(f"encoder {encoder.name} returned shape {vectors.shape} for {len(payload)} inputs; "
-                            f"expected {(len(payload), encoder.dim)}")
-        out[good] = vectors if inverse is None else vectors[inverse]
+        out[good] = _encode(encoder, payload, batch_size)
     return out, failed
 
 
-def _record_path(folder: Path, i: int) -> Path:
-    return folder / ".progress" / f"{i:05d}.json"
+def _encode(encoder, payload: list, batch_size: int) -> np.ndarray:
+    vectors = np.asarray(encoder.encode(payload, batch_size=batch_size, progress=False), dtype=np.float32)
+    if vectors.shape != (len(payload), encoder.dim):
+        raise DataError(f"encoder {encoder.name} returned shape {vectors.shape} for {len(payload)} inputs; "
+                        f"expected {(len(payload), encoder.dim)}")
+    return vectors
+
+
+def _record_path(folder: Path, i: int, chunk: int | None = None) -> Path:
+    return folder / ".progress" / (f"{i:05d}.json" if chunk is None else f"{i:05d}.part-{chunk:05d}.json")
+
+
+def _read_record(path: Path) -> dict | None:
+    """A progress record or manifest, or None when it is missing or damaged (then the work is redone)."""
+    try:
+        record = storage.read_json(path)
+    except (FileNotFoundError, StorageError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _write_shard(folder: Path, i: int, block: np.ndarray, failed: list[dict]) -> dict:
@@ -113,31 +123,91 @@ def _write_shard(folder: Path, i: int, block: np.ndarray, failed: list[dict]) ->
     record = {"rows": len(block), "sha256": storage.atomic_save_npy(folder / storage.shard_name(i), block),
               "failed": failed}
     storage.atomic_write_json(_record_path(folder, i), record)
+    for part in (folder / ".progress").glob(f"{i:05d}.part-*"):  # its checkpoints are no longer needed
+        part.unlink(missing_ok=True)
     return record
 
 
 def _finished_shard(folder: Path, i: int) -> dict | None:
     """The record of shard ``i`` if the shard is complete and intact, else None."""
-    path = _record_path(folder, i)
-    if not path.exists():
+    record = _read_record(_record_path(folder, i))
+    if record is None or not storage.verify_shard(folder / storage.shard_name(i), record.get("sha256", "")):
         return None
-    record = json.loads(path.read_text())
-    return record if storage.verify_shard(folder / storage.shard_name(i), record["sha256"]) else None
+    return record
+
+
+def _checkpointed(folder: Path, i: int, c: int, start: int, n: int, compute) -> tuple[np.ndarray, list[dict]]:
+    """Chunk ``c`` of shard ``i`` (``n`` payload items from ``start``): read back when a
+    killed run finished it, else ``compute()``d and written, so that a run smaller
+    than a shard resumes too."""
+    record_path = _record_path(folder, i, c)
+    vectors_path = record_path.with_suffix(".npy")
+    record = _read_record(record_path)
+    if record is not None and record.get("start") == start and record.get("items") == n \
+            and storage.verify_shard(vectors_path, record.get("sha256", "")):
+        return np.load(vectors_path), record["failed"]
+    vectors, failed = compute()
+    sha = storage.atomic_save_npy(vectors_path, vectors)
+    storage.atomic_write_json(record_path, {"start": start, "items": n, "sha256": sha, "failed": failed})
+    return vectors, failed
+
+
+def _encode_shard(folder: Path, i: int, encoder, kind: str, items: Sequence, rows: range, ids: Sequence[str],
+                  batch_size: int, checkpoint_rows: int, bar=None) -> tuple[np.ndarray, list[dict]]:
+    """Shard ``i`` (``items[rows]``) -> (float32 [len(rows), dim], failed), in chunks of
+    ``checkpoint_rows`` inputs, each kept in ``.progress/`` until the shard is written."""
+    if kind == "text":
+        # Captions made from labels repeat a few sentences thousands of times:
+        # each distinct text is embedded once and copied to every row holding it.
+        first: dict[str, int] = {}
+        inverse = np.array([first.setdefault(items[r], len(first)) for r in rows], dtype=np.int64)
+        payload = list(first)
+    else:
+        payload = list(rows)
+    parts, failed = [], []
+    for c, start in enumerate(range(0, len(payload), checkpoint_rows)):
+        chunk = payload[start:start + checkpoint_rows]
+        if kind == "text":
+            def compute():
+                return _encode(encoder, chunk, batch_size), []
+        else:
+            def compute():
+                return _encode_images(encoder, items, chunk, batch_size, ids)
+        if len(payload) <= checkpoint_rows:  # one chunk: the shard itself is the checkpoint
+            vectors, chunk_failed = compute()
+        else:
+            vectors, chunk_failed = _checkpointed(folder, i, c, start, len(chunk), compute)
+        parts.append(vectors)
+        failed += chunk_failed
+        if bar is not None and kind == "image":
+            bar.update(len(chunk))
+    if bar is not None and kind == "text":
+        bar.update(len(rows))
+    block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    return (block[inverse] if kind == "text" else block), failed
+
+
+def _check_texts(items: Sequence, ids: Sequence[str], name: str) -> None:
+    bad = [r for r in range(len(items)) if not isinstance(items[r], str)]
+    if bad:  # str(None) would embed the word "None"
+        raise DataError(f"{name}: {len(bad)} of {len(items)} texts are not strings (item {ids[bad[0]]!r} is "
+                        f"{type(items[bad[0]]).__name__}); give every item a text, or leave it out")
 
 
 def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Sequence[str],
                  name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
                  batch_size: int = 64, progress: bool = True, verify: bool = True,
                  captions: Sequence[str] | None = None, labels: np.ndarray | None = None,
-                 former_names: Sequence[str] = ()) -> EmbeddingSet:
+                 checkpoint_rows: int = 512, former_names: Sequence[str] = ()) -> EmbeddingSet:
     """Embed ``items`` (images: PIL/paths/bytes; text: strings) into a cached embedding set.
 
     Returns the set: ``array`` float32 [n, encoder.dim] (memory-mapped);
     unreadable images are zero rows listed under ``manifest["failed"]``
     (``ok`` is False there). ``verify`` checks the shards on a cache hit and
-    recomputes any that no longer match. ``former_names``: names this set was
-    cached under before; a complete set with the same key found there is
-    moved to ``name``.
+    recomputes any that no longer match. Work is kept every
+    ``checkpoint_rows`` inputs, so a killed run loses at most that much.
+    ``former_names``: names this set was cached under before; a complete set
+    with the same key found there is moved to ``name``.
     """
     if kind not in ("image", "text"):
         raise DataError(f"kind must be 'image' or 'text', not {kind!r}")
@@ -146,19 +216,21 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
         raise DataError(f"{len(ids)} ids for {n} items; give one id per item")
     if n == 0:
         raise DataError(f"{name}: nothing to embed")
+    if kind == "text":
+        _check_texts(items, ids, name)
     key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
     leaf = f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
     folder = cache_root(root) / "embeddings" / storage.slug(name) / leaf
     _adopt_former(folder, [cache_root(root) / "embeddings" / storage.slug(n) / leaf for n in former_names], key)
     starts = list(range(0, n, shard_rows))
     manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("cache_key") == key:
-            if verify:
-                _repair(folder, manifest, encoder, kind, items, ids, batch_size)
-            return storage.load_embedding_set(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    # a manifest that cannot be read (truncated, emptied) is rebuilt from the shards that are intact
+    manifest = _read_record(manifest_path)
+    if manifest is not None and manifest.get("cache_key") == key:
+        if verify:
+            _repair(folder, manifest, encoder, kind, items, ids, batch_size, checkpoint_rows)
+        return storage.load_embedding_set(folder)
+    storage.make_folder(folder)
     records = {i: _finished_shard(folder, i) for i in range(len(starts))}
     done = sum(min(shard_rows, n - s) for i, s in enumerate(starts) if records[i])
     with progress_bar(n, f"embed {name} {kind}s ({encoder.name})", progress, initial=done) as bar:
@@ -166,9 +238,8 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
             if records[i]:
                 continue
             rows = range(start, min(start + shard_rows, n))
-            block, failed = _encode_rows(encoder, kind, items, rows, batch_size, ids)
+            block, failed = _encode_shard(folder, i, encoder, kind, items, rows, ids, batch_size, checkpoint_rows, bar)
             records[i] = _write_shard(folder, i, block, failed)
-            bar.update(len(rows))
     manifest = {
         "format": storage.EMBEDDING_SET_FORMAT, "cache_format": CACHE_FORMAT, "cache_key": key, "kind": kind,
         "encoder": _encoder_identity(encoder), "dataset": dataset, "name": name,
@@ -183,6 +254,10 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     if labels is not None:
         storage.atomic_save_npy(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
     storage.atomic_write_json(manifest_path, manifest)  # last: a folder with a manifest is complete
+    verified = storage.VerifiedShards(folder)  # every shard was hashed just now: the next hit need not
+    for shard in manifest["shards"]:
+        verified.record(folder / shard["file"], shard["sha256"])
+    verified.save()
     return storage.load_embedding_set(folder)
 
 
@@ -191,14 +266,15 @@ def _adopt_former(folder: Path, former: Sequence[Path], key: str) -> None:
     if folder.exists():
         return
     for old in former:
-        manifest = old / "manifest.json"
-        if old != folder and manifest.exists() and json.loads(manifest.read_text()).get("cache_key") == key:
-            folder.parent.mkdir(parents=True, exist_ok=True)
+        manifest = _read_record(old / "manifest.json")
+        if old != folder and manifest is not None and manifest.get("cache_key") == key:
+            storage.make_folder(folder.parent)
             os.replace(old, folder)
             return
 
 
-def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_size: int) -> None:
+def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_size: int,
+            checkpoint_rows: int) -> None:
     """Cache hit: recompute any shard whose file is missing or whose sha256 no longer matches."""
     verified = storage.VerifiedShards(folder)
     changed = False
@@ -207,14 +283,25 @@ def _repair(folder: Path, manifest: dict, encoder, kind: str, items, ids, batch_
         if storage.verify_shard(path, shard["sha256"], verified):
             continue
         start = i * manifest["shard_rows"]
-        block, _ = _encode_rows(encoder, kind, items, range(start, start + shard["rows"]), batch_size, ids)
-        failed = [f for f in manifest["failed"] if start <= f["row"] < start + shard["rows"]]
+        rows = range(start, start + shard["rows"])
+        block, failed = _encode_shard(folder, i, encoder, kind, items, rows, ids, batch_size, checkpoint_rows)
+        old = [f for f in manifest["failed"] if not start <= f["row"] < start + shard["rows"]]
+        manifest["failed"] = sorted(old + failed, key=lambda f: f["row"])
         shard["sha256"] = _write_shard(folder, i, block, failed)["sha256"]
         verified.record(path, shard["sha256"])
         changed = True
     if changed:
         storage.atomic_write_json(folder / "manifest.json", manifest)
     verified.save()
+
+
+def invalidate_damaged(folder: Path, damaged: list[str]) -> None:
+    """After ``storage.verify_folder``: remove the damaged shards of a cached set (and a
+    manifest that cannot be read), so that its next use recomputes them, and only them."""
+    for name in damaged:
+        (folder / name).unlink(missing_ok=True)
+        if name.startswith("embeddings-"):
+            _record_path(folder, int(name[len("embeddings-"):-len(".npy")])).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------

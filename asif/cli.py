@@ -2,13 +2,19 @@
 
 Each group of subcommands is added by one ``_add_*`` function below; every
 command function takes the parsed ``args`` and returns an exit status. Bad
-input (``ASIFInputError``, a missing file) exits with status 2 and one line
-on stderr that says what is wrong; nothing half-written is left at ``--out``.
+input (``ASIFInputError``, a missing file, an option out of range) exits with
+status 2 and one line on stderr that names the option or file and what is
+wrong; numbers are range-checked when the command line is parsed, outputs are
+checked for writability before any work, and nothing half-written is left at
+``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
+from pathlib import Path
 
 from asif.errors import ASIFInputError
 
@@ -28,18 +34,123 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # ---------------------------------------------------------------------------
+# option types: every option value is checked here, when the line is parsed
+# ---------------------------------------------------------------------------
+
+def _number(kind, low, above: bool = False, what: str = ""):
+    """An argparse type: ``kind`` (int or float), finite, >= ``low`` (> with ``above``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, 1, what="an integer >= 1")
+positive_float = _number(float, 0, above=True, what="a number > 0")
+non_negative_float = _number(float, 0, what="a number >= 0")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps; whether it exists here is checked when the command starts."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def dtype_name(text: str) -> str:
+    from asif_core import parse_dtype  # torch is imported only when --dtype is given
+    try:
+        parse_dtype(text)
+    except ASIFInputError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; use float32, float16, bfloat16 or float64") \
+            from None
+    return text
+
+
+def plot_file(text: str) -> str:
+    """A figure file whose extension matplotlib can write (checked before anything is computed)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = Path(text).suffix.lower().lstrip(".")
+    if ext not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: {'.' + ext if ext else 'no extension'} is not a figure format; "
+                                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_out(path, option: str, size: int = 0) -> None:
+    """Before any work: ``path`` can take a file of ``size`` bytes (asif.storage.check_writable)."""
+    from asif.storage import check_writable
+    check_writable(path, option, size)
+
+
+# ---------------------------------------------------------------------------
 # core commands: sweep, similarity (precomputed embeddings)
 # ---------------------------------------------------------------------------
 
 def _load_npy(path: str, what: str):
-    """Open a .npy memory-mapped (anchors may exceed RAM); one clear line if it can't be read."""
+    """Open a .npy memory-mapped (anchors may exceed RAM); one line naming ``what`` and the file if it can't be."""
     import numpy as np
+    where = f"{what} {path}"
+    if Path(path).is_dir():
+        raise UsageError(f"{where}: is a directory, not a .npy file")
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as f:
+            head = f.read(8)
     except FileNotFoundError:
-        raise UsageError(f"{what}: no such file {path!r}")
-    except (ValueError, OSError) as e:
-        raise UsageError(f"{what}: {path!r} is not a readable .npy file ({e})")
+        raise UsageError(f"{where}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{where}: cannot be read ({e.strerror})") from None
+    if not head:
+        raise UsageError(f"{where}: the file is empty (0 bytes); write the array with numpy.save")
+    if head.startswith(b"PK\x03\x04"):
+        raise UsageError(f"{where}: is an .npz archive of several arrays, not one .npy array; "
+                         "save the one you mean with numpy.save (np.load(FILE)[NAME])")
+    if not head.startswith(b"\x93NUMPY"):
+        raise UsageError(f"{where}: not a .npy file (it starts with {head[:6]!r}); write the array with numpy.save")
+    for mmap in ("r", None):  # an empty array cannot be memory-mapped: read it
+        try:
+            return np.load(path, mmap_mode=mmap, allow_pickle=False)
+        except ValueError as e:
+            if "pickle" in str(e) or "Python objects" in str(e):
+                raise UsageError(f"{where}: holds Python objects (dtype object), not numbers; save a numeric array") \
+                    from None
+            error = e
+        except (OSError, EOFError) as e:
+            error = e
+    raise UsageError(f"{where}: a damaged or truncated .npy file ({error}); write it again with numpy.save")
+
+
+def _blame(error: Exception, names: dict) -> UsageError:
+    """The core's message with its argument names (``anchor_images``, ``block_size=`` ...) replaced,
+    in one pass, by the options and files the user gave (``--anchor-images A.npy``, ``--block-size=``)."""
+    plain = [re.escape(n) for n in names if "_" not in n]      # images, labels ...: only as the subject
+    ident = [re.escape(n) for n in names if "_" in n]          # anchor_images, n_classes ...: anywhere
+    parts = ([rf"^(?:{'|'.join(plain)})(?=[:=])"] if plain else []) + \
+        ([rf"(?<![\w/.-])(?:{'|'.join(ident)})\b"] if ident else [])
+    return UsageError(re.sub("|".join(parts), lambda m: names[m.group(0)], str(error)) if parts else str(error))
+
+
+def _stream_names(args, *files: str) -> dict:
+    names = {f: f"--{f.replace('_', '-')} {getattr(args, f)}" for f in files}
+    names.update({p: f"--{p.replace('_', '-')}" for p in ("n_classes", "non_zeros", "block_size", "anchor_counts",
+                                                           "device", "dtype")})
+    names["exponent"] = "--exponents" if hasattr(args, "exponents") else "--exponent"
+    return names
 
 
 def _print_table(rows, columns) -> None:
@@ -56,15 +167,20 @@ def cmd_sweep(args) -> int:
     import asif_core as ac
     from asif.metrics import zero_shot_result
     from asif.storage import atomic_write_json
+    if args.out:
+        _check_out(args.out, "--out")
     ai = _load_npy(args.anchor_images, "--anchor-images")
     at = _load_npy(args.anchor_texts, "--anchor-texts")
     x = _load_npy(args.images, "--images")
     y = np.asarray(_load_npy(args.labels, "--labels"))
     p = _load_npy(args.prompts, "--prompts")
     start = time.perf_counter()
-    rows = ac.sweep(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
-                    non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
-                    block_size=args.block_size, progress=not args.quiet)
+    try:
+        rows = ac.sweep(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
+                        non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
+                        block_size=args.block_size, progress=not args.quiet)
+    except ASIFInputError as e:
+        raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "labels", "prompts")) from None
     wall = time.perf_counter() - start
     _print_table(rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
     print(f"{len(rows)} points in {wall:.2f} s")
@@ -83,10 +199,17 @@ def cmd_sweep(args) -> int:
 def cmd_similarity(args) -> int:
     import asif_core as ac
     from asif.storage import atomic_save_npy
-    model = ac.ASIF(_load_npy(args.anchor_images, "--anchor-images"), _load_npy(args.anchor_texts, "--anchor-texts"),
-                    non_zeros=args.non_zeros, exponent=args.exponent, device=args.device, dtype=args.dtype,
-                    block_size=args.block_size)
-    s = model.similarity(_load_npy(args.images, "--images"), _load_npy(args.texts, "--texts"))
+    _check_out(args.out, "--out")
+    ai, at = _load_npy(args.anchor_images, "--anchor-images"), _load_npy(args.anchor_texts, "--anchor-texts")
+    x, t = _load_npy(args.images, "--images"), _load_npy(args.texts, "--texts")
+    if x.ndim == 2 and t.ndim == 2:  # the matrix must fit where it goes: known before computing it
+        _check_out(args.out, "--out", 4 * x.shape[0] * t.shape[0] + 128)
+    try:
+        model = ac.ASIF(ai, at, non_zeros=args.non_zeros, exponent=args.exponent, device=args.device,
+                        dtype=args.dtype, block_size=args.block_size)
+        s = model.similarity(x, t)
+    except ASIFInputError as e:
+        raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "texts")) from None
     atomic_save_npy(args.out, s.astype("float32"))
     print(f"wrote {args.out}: similarity {s.shape[0]} images x {s.shape[1]} texts")
     return 0
@@ -95,10 +218,10 @@ def cmd_similarity(args) -> int:
 def _add_stream_options(p) -> None:
     p.add_argument("--anchor-images", required=True, metavar="A_IMG.npy", help="anchor image embeddings [N, d1]")
     p.add_argument("--anchor-texts", required=True, metavar="A_TXT.npy", help="anchor caption embeddings [N, d2], row i pairs with image row i")
-    p.add_argument("--non-zeros", type=int, default=800, help="k: anchors kept per relative representation (paper: 800)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16, float64")
-    p.add_argument("--block-size", type=int, default=None, help="anchors per block (default: from free memory)")
+    p.add_argument("--non-zeros", type=positive_int, default=800, help="k: anchors kept per relative representation (paper: 800)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16, float64")
+    p.add_argument("--block-size", type=positive_int, default=None, help="anchors per block (default: from free memory)")
 
 
 def _add_core_commands(sub) -> None:
@@ -107,9 +230,9 @@ def _add_core_commands(sub) -> None:
     p.add_argument("--images", required=True, metavar="X.npy", help="test image embeddings [Q, d1]")
     p.add_argument("--labels", required=True, metavar="y.npy", help="class index of each test image [Q]")
     p.add_argument("--prompts", required=True, metavar="P.npy", help="prompt embeddings [C*T, d2], class-major (T consecutive rows per class)")
-    p.add_argument("--n-classes", type=int, required=True, help="C")
-    p.add_argument("--exponents", type=float, nargs="+", default=[8.0], help="p values (paper: 8)")
-    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=int, nargs="+", default=None,
+    p.add_argument("--n-classes", type=positive_int, required=True, help="C")
+    p.add_argument("--exponents", type=positive_float, nargs="+", default=[8.0], help="p values (paper: 8)")
+    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=positive_int, nargs="+", default=None,
                    help="anchor counts, each evaluated on the first n anchors (default: all)")
     p.add_argument("--reduce", choices=["max", "mean"], default="max", help="class score: best template (paper) or prompt ensemble")
     p.add_argument("--dataset", default="custom", help="dataset name for the JSON")
@@ -122,7 +245,7 @@ def _add_core_commands(sub) -> None:
     _add_stream_options(p)
     p.add_argument("--images", required=True, metavar="X.npy", help="image embeddings [Q_img, d1]")
     p.add_argument("--texts", required=True, metavar="T.npy", help="text embeddings [Q_txt, d2]")
-    p.add_argument("--exponent", type=float, default=8.0, help="p (paper: 8)")
+    p.add_argument("--exponent", type=positive_float, default=8.0, help="p (paper: 8)")
     p.add_argument("--out", required=True, metavar="S.npy", help="where to write the [Q_img, Q_txt] float32 matrix")
     p.set_defaults(func=cmd_similarity)
 
@@ -158,26 +281,53 @@ def _add_encoder_commands(sub) -> None:
     def cmd_embed_images(args) -> int:
         import os
         from asif.encoders import load_image_encoder
-        # missing files are reported before the model is loaded (seconds saved);
-        # unreadable ones are found while decoding (ImageLoadError, status 2)
-        missing = [f for f in args.files if not os.path.isfile(f)]
-        if missing:
-            raise ASIFInputError(f"no such image file: {missing[0]}"
-                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        enc = load_image_encoder(args.encoder, device=args.device, backend=args.backend)
-        return _done(args.out, enc.encode(args.files, batch_size=args.batch_size, progress=not args.quiet), args.quiet)
+        from asif.errors import BadImagesError
+        from asif.storage import printable
+        _check_out(args.out, "--out", 4 * 2048 * len(args.files))
+        hint = "Fix or remove them, or pass --skip-bad to leave them out"
+        # files that are missing or folders are all reported before the model is
+        # loaded (seconds saved); unreadable ones are found while decoding
+        skipped = [(i, printable(f), "no such file" if not os.path.exists(f) else
+                    "it is a directory; give the image files inside it (DIR/*.jpg)")
+                   for i, f in enumerate(args.files) if not os.path.isfile(f)]
+        if skipped and not args.skip_bad:
+            raise BadImagesError(skipped, len(args.files), hint)
+        kept = [i for i in range(len(args.files)) if i not in {s[0] for s in skipped}]
+        x = None
+        if kept:
+            enc = load_image_encoder(args.encoder, device=args.device, backend=args.backend)
+            x, failed = enc.encode_checked([args.files[i] for i in kept], batch_size=args.batch_size,
+                                           progress=not args.quiet, keep_going=args.skip_bad)
+            if failed and not args.skip_bad:
+                raise BadImagesError([(kept[j], label, why) for j, label, why in failed], len(args.files), hint)
+            bad = {j for j, _, _ in failed}
+            skipped += [(kept[j], label, why) for j, label, why in failed]
+            x, kept = x[[j for j in range(len(kept)) if j not in bad]], [k for j, k in enumerate(kept) if j not in bad]
+        if not kept:
+            raise BadImagesError(sorted(skipped), len(args.files), "none is left to embed")
+        for _, label, why in sorted(skipped):
+            print(f"skipped {label}: {why}", file=sys.stderr)
+        if skipped:  # on the console, whatever --quiet says: the rows no longer match the arguments one to one
+            print(f"skipped {len(skipped)} of {len(args.files)} files (--skip-bad); row i of {args.out} is the "
+                  "i-th file that was kept", file=sys.stderr)
+        return _done(args.out, x, args.quiet)
 
     def cmd_embed_texts(args) -> int:
         from asif.encoders import load_text_encoder
+        from asif.storage import read_text
+        _check_out(args.out, "--out")
         texts = list(args.texts)
         if args.from_file:
-            with open(args.from_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            where = f"--from-file {args.from_file}"
+            if not Path(args.from_file).is_file():
+                raise ASIFInputError(f"{where}: " + ("is a directory; give a text file, one text per line"
+                                                     if Path(args.from_file).is_dir() else "no such file"))
+            lines = read_text(args.from_file, where).splitlines()
             while lines and not lines[-1].strip():
                 lines.pop()  # trailing blank lines only; a blank line inside would shift rows
             blank = [i + 1 for i, t in enumerate(lines) if not t.strip()]
             if blank:
-                raise ASIFInputError(f"{args.from_file}: line {blank[0]} is empty; one text per line, "
+                raise ASIFInputError(f"{where}: line {blank[0]} is empty; one text per line, "
                                      "row i of the output is line i")
             texts += lines
         if not texts:
@@ -192,10 +342,12 @@ def _add_encoder_commands(sub) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="image files; row i of --out is FILE i")
     p.add_argument("--encoder", default="efficientnet_lite0", help="image encoder name (see `asif encoders`)")
     p.add_argument("--out", required=True, help="output .npy")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: ONNX Runtime on the CPU (faster there; needs onnxruntime)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out files that cannot be read (listed on stderr) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     p.set_defaults(func=cmd_embed_images)
 
@@ -204,8 +356,8 @@ def _add_encoder_commands(sub) -> None:
     p.add_argument("--from-file", metavar="PATH", help="read texts from PATH, one per line (after any TEXT)")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder name or folder (see `asif encoders`)")
     p.add_argument("--out", required=True, help="output .npy")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     p.set_defaults(func=cmd_embed_texts)
 
@@ -266,23 +418,44 @@ def cmd_data_build(args) -> int:
     return 0
 
 
-def _names_or_file(values: list[str] | None) -> list[str] | None:
+def cmd_data_verify(args) -> int:
+    """Hash every shard in the cache; damaged ones are removed (recomputed or unpacked again at next use)."""
+    import time
+    from asif.config import cache_root
+    from asif.pipeline import verify_cache
+    start = time.perf_counter()
+    report = verify_cache(args.cache, repair=not args.dry_run, progress=not args.quiet)
+    for r in report:
+        if r["damaged"]:
+            print(f"damaged  {r['folder']}: {', '.join(r['damaged'])}; {r['action']}")
+    damaged = sum(len(r["damaged"]) for r in report)
+    print(f"verified {len(report)} embedding sets, {sum(r['shards'] for r in report)} shards "
+          f"({sum(r['bytes'] for r in report) / 1e6:.1f} MB) in {cache_root(args.cache)} in "
+          f"{time.perf_counter() - start:.1f} s: " + (f"{damaged} damaged files" if damaged else "all intact"))
+    return 1 if damaged else 0
+
+
+def _names_or_file(values: list[str] | None, option: str) -> list[str] | None:
     """--classnames / --templates: the values, or the lines of the one file they name."""
     import os
+    from asif.storage import read_text
     if values and len(values) == 1 and os.path.isfile(values[0]):
-        with open(values[0], encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        lines = read_text(values[0], f"{option} {values[0]}").splitlines()
+        return [line.strip() for line in lines if line.strip()]
     return values
 
 
 def cmd_eval(args) -> int:
     import time
     from asif import pipeline
+    for path, option in ((args.out, "--out"), (args.plot, "--plot")):
+        if path:
+            _check_out(path, option)
     start = time.perf_counter()
     choice = pipeline.Choice(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
                              dataset=args.dataset, anchor_set=args.anchors, non_zeros=args.non_zeros,
-                             exponents=list(args.exponents), classnames=_names_or_file(args.classnames),
-                             templates=_names_or_file(args.templates))
+                             exponents=list(args.exponents), classnames=_names_or_file(args.classnames, "--classnames"),
+                             templates=_names_or_file(args.templates, "--templates"))
     prepared = pipeline.prepare(choice, progress=not args.quiet, limit=args.limit, anchor_limit=args.anchor_limit,
                                 split=args.split, device=args.device)
     run = pipeline.run_zero_shot(prepared, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
@@ -290,16 +463,36 @@ def cmd_eval(args) -> int:
     wall = time.perf_counter() - start
     _print_table(run.rows, ["n_anchors", "exponent", "acc1", "acc5", "mean_per_class_recall"])
     print(f"{run.summary()}; {len(prepared.anchors)} anchors, {wall:.1f} s end to end")
+    left_out = _left_out(prepared)
+    if left_out:
+        print(f"left out: {left_out}")
     if args.out:
         run.result["wall_time_s"] = round(wall, 3)
         run.save(args.out)
     if args.plot:
+        from asif.storage import atomic_write
         from asif.widgets import plot_accuracy_vs_anchors
         fig = plot_accuracy_vs_anchors(run.rows, run.chance, title=f"{args.dataset}: {args.image_encoder} + "
                                        f"{args.text_encoder}, anchors {args.anchors}",
                                        majority=run.result["params"]["majority_class_rate"])
-        fig.savefig(args.plot, dpi=120)
+        fmt = Path(args.plot).suffix.lstrip(".").lower()
+        atomic_write(args.plot, lambda f: fig.savefig(f, format=fmt, dpi=120))
     return 0
+
+
+def _left_out(prepared) -> str:
+    """What the run could not use, counted by reason: unreadable test images, anchor pairs whose
+    image failed, anchor items skipped while listing (no caption ...)."""
+    from collections import Counter
+    parts = []
+    for what, items, key in (("test images unreadable", prepared.evals.dropped, None),
+                             ("anchor pairs with an unreadable image", prepared.anchors.dropped, None),
+                             ("anchor items skipped while listing", prepared.anchors.anchor_set.skipped, "reason")):
+        if items:
+            reasons = Counter(i[key] for i in items) if key else None
+            detail = f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common(3))})" if reasons else ""
+            parts.append(f"{len(items)} {what}{detail}")
+    return "; ".join(parts)
 
 
 NOTEBOOKS = ("00_setup", "01_zero_shot", "02_similarity", "03_interpretability", "04_webcam")
@@ -309,15 +502,14 @@ def cmd_notebooks(args) -> int:
     """Run the notebooks top to bottom headless; executed copies and their HTML go to --out."""
     import os
     import time
-    from pathlib import Path
     import nbformat
     from nbclient import NotebookClient
     from asif.config import PROJECT_ROOT
     here = PROJECT_ROOT / "notebooks"
     if not here.is_dir():
         raise UsageError(f"no notebooks folder at {here}; `asif notebooks` runs them from a checkout of the project")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from asif.storage import make_folder
+    out = make_folder(args.out)
     if args.smoke:
         os.environ["ASIF_SMOKE"] = "1"
     os.environ.setdefault("ASIF_BUILD", str(out.parent.resolve() if out.name == "notebooks" else out.resolve()))
@@ -348,13 +540,18 @@ REPORT_START, REPORT_END = "<!-- results:start -->", "<!-- results:end -->"
 def _report_lines(results, link_figure, times: dict) -> list[str]:
     """The report's Markdown lines from result JSON paths; ``link_figure(png)`` gives the link of a
     figure that exists (or None to leave it out); ``times``: the run's wall times, if known."""
-    import json
     import os
     import asif_core as ac
     from asif.metrics import headline_row, results_table
     from asif.pipeline import rows_from_result
     from asif.pipeline import DEFAULT_ANCHORS, TEST_SETS
-    loaded = [(path, json.loads(path.read_text())) for path in results]
+    from asif.storage import read_json
+    loaded = []
+    for path in results:
+        res = read_json(path)
+        if not (isinstance(res, dict) and isinstance(res.get("params"), dict) and "results" in res):
+            raise UsageError(f"{path}: not a zero-shot result of `asif eval`; remove it or run it again")
+        loaded.append((path, res))
 
     def rank(item):
         # the default general anchors first, then the in-domain reference, then the rest; test sets in order
@@ -364,10 +561,18 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
         return kind, data, res["params"].get("anchor_set", ""), item[0].name
 
     loaded.sort(key=rank)
-    lines = _summary_lines([res for _, res in loaded])
+    try:
+        lines = _summary_lines([res for _, res in loaded])
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"a result in {results[0].parent} is not a zero-shot result of `asif eval` (no {e}); "
+                         "remove it or run it again") from None
     for path, res in loaded:
         p = res["params"]
-        rows = rows_from_result(res)
+        try:
+            rows = rows_from_result(res)
+        except (KeyError, TypeError) as e:
+            raise UsageError(f"{path}: not a zero-shot result of `asif eval` (no {e}); remove it or run it again") \
+                from None
         chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
         top = headline_row(rows)  # as the JSON's metrics, also for results written before they were
         majority = p.get("majority_class_rate")
@@ -423,20 +628,27 @@ def cmd_report(args) -> int:
     """The Markdown report of a run, ``<build>/report.md`` (figures linked where they lie); with
     ``--readme``, the same text replaces the README's results section and the figures are copied
     to docs/figures beside it (a maintainer's step: ``bash run.sh`` never edits tracked files)."""
-    import json
     import os
     import shutil
-    from pathlib import Path
-    from asif.storage import atomic_write, atomic_write_json
+    from asif.errors import StorageError
+    from asif.storage import atomic_write, atomic_write_json, make_folder, read_json, read_text
     build = Path(args.build)
     results = sorted(build.glob("zero_shot_*.json"))
     if not results:
         raise UsageError(f"no zero_shot_*.json in {build}; run `bash run.sh` (or notebook 01) first")
+    out = Path(args.out) if args.out else build / "report.md"
+    _check_out(out, "--out")
+    if args.readme:
+        if not Path(args.readme).is_file():
+            raise UsageError(f"--readme {args.readme}: no such file")
+        _check_out(args.readme, "--readme")
     times_path = build / "run_times.json"  # kept, so a later --readme states the run's times too
     if args.seconds is not None:
         atomic_write_json(times_path, {"seconds": args.seconds, "build_seconds": args.build_seconds})
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
-    out = Path(args.out) if args.out else build / "report.md"
+    try:
+        times = read_json(times_path) if times_path.exists() else {}
+    except StorageError:  # damaged: the report just leaves the times out
+        times = {}
 
     def here(fig):
         return Path(os.path.relpath(fig, out.parent)).as_posix() if fig.exists() else None
@@ -452,13 +664,13 @@ def cmd_report(args) -> int:
         def copied(fig):
             if not fig.exists():
                 return None
-            figures.mkdir(parents=True, exist_ok=True)
+            make_folder(figures)
             shutil.copyfile(fig, figures / fig.name)
             return f"{figures.relative_to(readme.parent).as_posix()}/{fig.name}"
 
         parts = [REPORT_START, "", "_Written by `asif report --readme README.md` from the last `bash run.sh`; "
                  "do not edit by hand._", "", *_report_lines(results, copied, times), REPORT_END]
-        body = readme.read_text()
+        body = read_text(readme, f"--readme {readme}")
         if REPORT_START in body and REPORT_END in body:
             body = body[:body.index(REPORT_START)] + "\n".join(parts) + body[body.index(REPORT_END) + len(REPORT_END):]
         else:
@@ -472,9 +684,15 @@ def _add_run_commands(sub) -> None:
     p = sub.add_parser("data", help="build the offline default embeddings")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="embed fashion-mnist (train, test), clipart and tuxpaint with the default encoders")
-    b.add_argument("--limit", type=int, default=None, help="items per set (default: all; ASIF_SMOKE=1 gives 200)")
+    b.add_argument("--limit", type=positive_int, default=None, help="items per set (default: all; ASIF_SMOKE=1 gives 200)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_data_build)
+    v = dsub.add_parser("verify", help="hash every shard in the cache (cache hits only check size and mtime) and "
+                                       "remove damaged ones, so that the next run recomputes them")
+    v.add_argument("--cache", help="cache folder (default: $ASIF_CACHE or cache/)")
+    v.add_argument("--dry-run", action="store_true", help="report damage, remove nothing")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser(
         "eval", help="zero-shot accuracy against anchors from raw data, through the embedding cache",
@@ -504,27 +722,28 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME",
                    help="text encoder: a name from `asif encoders`, any sentence-transformers model (online) "
                         "or a local model folder")
-    p.add_argument("--non-zeros", type=int, default=800, metavar="K",
+    p.add_argument("--non-zeros", type=positive_int, default=800, metavar="K",
                    help="k: anchors kept in each relative representation (paper: 800)")
-    p.add_argument("--exponents", type=float, nargs="+", default=[8.0], metavar="P",
+    p.add_argument("--exponents", type=positive_float, nargs="+", default=[8.0], metavar="P",
                    help="exponents p, one curve each; the first is the headline (paper: 8)")
-    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=int, nargs="+", default=None,
+    p.add_argument("--anchor-counts", "--n-anchors", dest="anchor_counts", type=positive_int, nargs="+", default=None,
                    metavar="N", help="anchor counts of the curve, each evaluated on the first N anchors "
                                      "(default: powers of two from 64, then all)")
     p.add_argument("--reduce", choices=["max", "mean"], default="max",
                    help="a class's score: its best template (max, the paper's code) or its prompts' mean "
                         "(mean, CLIP's prompt ensemble)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="a seeded random subset of N test images, and the first N anchors unless --anchor-limit "
                         "(default: all; ASIF_SMOKE=1 gives 200)")
-    p.add_argument("--anchor-limit", type=int, default=None, metavar="N",
+    p.add_argument("--anchor-limit", type=positive_int, default=None, metavar="N",
                    help="the first N anchor pairs of the set's seeded order (default: --limit, else all)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default=None, metavar="result.json",
                    help="write clip_benchmark JSON: metrics = the headline (all anchors, the first exponent), "
                         "headline = its count, exponent and per-class recall, results = every (count, exponent), "
                         "params = encoders, data, class names, templates, prompts, chance, majority-class rate")
-    p.add_argument("--plot", default=None, metavar="fig.png", help="also draw the accuracy-vs-anchors figure")
+    p.add_argument("--plot", type=plot_file, default=None, metavar="fig.png",
+                   help="also draw the accuracy-vs-anchors figure")
     p.add_argument("--quiet", action="store_true", help="no progress bars (embedding, loading weights, sweep)")
     p.set_defaults(func=cmd_eval)
 
@@ -533,7 +752,7 @@ def _add_run_commands(sub) -> None:
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(NOTEBOOKS)}")
     p.add_argument("--out", default="build/notebooks")
     p.add_argument("--smoke", action="store_true", help="small data (ASIF_SMOKE=1)")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p.add_argument("--timeout", type=positive_int, default=3600, help="seconds per cell")
     p.set_defaults(func=cmd_notebooks)
 
     p = sub.add_parser("report", help="the Markdown report of a run (<build>/report.md); --readme also puts "
@@ -544,14 +763,15 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--readme", default=None, metavar="README.md",
                    help="also rewrite this README's results section (between the results markers) and copy the "
                         "figures to docs/figures beside it; `bash run.sh` never does")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--seconds", type=non_negative_float, default=None,
                    help="wall time of the run, to state in the report (kept in <build>/run_times.json)")
-    p.add_argument("--build-seconds", type=float, default=None, help="the part of it spent in `asif data build`")
+    p.add_argument("--build-seconds", type=non_negative_float, default=None,
+                   help="the part of it spent in `asif data build`")
     p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="asif",
         description="ASIF: an image-text model from two frozen unimodal encoders and coupled anchor pairs, without training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -574,12 +794,21 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a mistake already reported in one line (2)
+        return int(e.code or 0)
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return int(args.func(args) or 0)
-    except (ASIFInputError, UsageError, FileNotFoundError) as e:
-        print(f"asif {args.command}: error: {e}", file=sys.stderr)
+    except (ASIFInputError, UsageError, OSError) as e:
+        # OSError: what the file system refused (a missing file, no permission ...), never a traceback
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"asif {command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"asif {command}: interrupted; finished work is kept, run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

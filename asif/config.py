@@ -35,7 +35,8 @@ def build_dir() -> Path:
         path = Path(os.environ["ASIF_BUILD"])
     else:
         path = PROJECT_ROOT / "build" if _in_checkout() else Path("build").resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    from asif.storage import make_folder  # storage imports nothing from here: no cycle
+    make_folder(path)
     return path
 
 

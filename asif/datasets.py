@@ -29,11 +29,11 @@ from asif import debian
 from asif.config import DATA_DIR, cache_root, smoke_limit
 from asif.debian import FASHION_MNIST_DIR
 from asif.errors import DataError, MissingDataError, OfflineError
-from asif.images import IMAGE_EXTENSIONS, LazyImages, subset_images
-from asif.storage import atomic_write, sha256_text
+from asif.images import IMAGE_EXTENSIONS, LazyImages, load_image, subset_images
+from asif.storage import atomic_write, make_folder, printable, sha256_text
 
 __all__ = ["DATASETS", "EvalDataset", "load_dataset", "load_classnames", "load_templates", "fill_template",
-           "read_idx", "seeded_subset", "file_id", "FASHION_MNIST_DIR"]
+           "read_idx", "seeded_subset", "file_id", "torchvision_images", "FASHION_MNIST_DIR"]
 
 
 def seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -49,7 +49,7 @@ def file_id(path: Path, base: Path | None = None) -> str:
     """An id that changes when the file does: relative path, size, mtime."""
     st = path.stat()
     rel = path.relative_to(base).as_posix() if base else path.as_posix()
-    return f"{rel}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{printable(rel)}:{st.st_size}:{st.st_mtime_ns}"  # a name that is not UTF-8 stays valid text
 
 
 def _data_json(name: str) -> dict:
@@ -202,7 +202,7 @@ def _fashion_mnist_download(folder: Path, files: Iterable[str], base_url: str) -
     """Fetch the IDX archives from the public source into ``folder``, checking their content sha256."""
     import urllib.error
     import urllib.request
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for name in files:
         target = folder / name
         if target.exists():
@@ -249,8 +249,7 @@ def fashion_mnist(split: str) -> EvalDataset:
     labels = read_idx(label_file).astype(np.int64)
     if len(pixels) != len(labels):
         raise DataError(f"fashion-mnist {split}: {len(pixels)} images but {len(labels)} labels")
-    from PIL import Image
-    images = LazyImages(len(pixels), lambda i: Image.fromarray(pixels[i], mode="L").convert("RGB"))
+    images = LazyImages(len(pixels), lambda i: load_image(pixels[i]))
     identity = {"dataset": "fashion-mnist", "split": split,
                 "content_sha256": [FASHION_MNIST_SHA256[n] for n in FASHION_MNIST_FILES[split]]}
     return EvalDataset("fashion-mnist", images, labels, load_classnames("fashion-mnist"),
@@ -266,7 +265,7 @@ def _torchvision(name: str, split: str) -> EvalDataset:
     except ImportError:
         raise MissingDataError(f"{name} needs torchvision: pip install torchvision")
     root = cache_root() / "datasets" / "torchvision"
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     train = split == "train"
     try:
         if name == "cifar10":
@@ -279,10 +278,22 @@ def _torchvision(name: str, split: str) -> EvalDataset:
         raise OfflineError(f"{name} is downloaded by torchvision into {root} and the download failed ({e}). "
                            f"It needs network access once; offline, use fashion-mnist or imagefolder:PATH") from None
     labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds._labels, dtype=np.int64)
-    images = LazyImages(len(ds), lambda i: ds[i][0])
+    images = torchvision_images(ds)
     return EvalDataset(name, images, labels, load_classnames(name), load_templates(name),
                        {"dataset": name, "split": split, "source": "torchvision"},
                        [f"{name}/{split}/{i}" for i in range(len(labels))])
+
+
+def torchvision_images(ds) -> Sequence:
+    """A torchvision dataset's images for the one decoder (``load_image``): its files
+    (``_images``, e.g. Pets) or pixel arrays (``data``, CIFAR), never its own
+    ``convert("RGB")``, which drops transparency onto black."""
+    files, pixels = getattr(ds, "_images", None), getattr(ds, "data", None)
+    if files is not None:
+        return [Path(f) for f in files]
+    if isinstance(pixels, np.ndarray):
+        return LazyImages(len(pixels), lambda i: load_image(pixels[i]))
+    return LazyImages(len(ds), lambda i: load_image(ds[i][0]))
 
 
 # --- folders -------------------------------------------------------------------
@@ -308,7 +319,7 @@ def _imagefolder(path: str, dataset: str = "imagefolder", classnames: list[str] 
     if not paths:
         raise DataError(f"{dataset}: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     ids = [file_id(p, root) for p in paths]
-    names = classnames or [c.replace("_", " ") for c in classes]
+    names = classnames or [printable(c).replace("_", " ") for c in classes]
     identity = {"dataset": dataset, "root_classes_sha256": sha256_text("\n".join(classes)),
                 "files_sha256": sha256_text("\n".join(ids))}
     # named after the folder (progress bars, cache folders); the cache keys on ``identity``

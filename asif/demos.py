@@ -20,13 +20,13 @@ SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle"
 
 def sample_photos(names: Sequence[str] = SAMPLE_PHOTOS) -> dict:
     """{name: RGB PIL image} of scikit-image's sample photos (offline)."""
-    from PIL import Image
     import skimage.data
+    from asif.images import load_image
     out = {}
     for n in names:
         a = getattr(skimage.data, n)()
         a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle is (left, right, disparity)
-        out[n.replace("stereo_", "")] = Image.fromarray(a).convert("RGB")
+        out[n.replace("stereo_", "")] = load_image(a, name=n)
     return out
 
 

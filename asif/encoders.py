@@ -39,7 +39,7 @@ from PIL import Image
 
 import asif_core
 from asif.config import progress_bar
-from asif.errors import ASIFInputError
+from asif.errors import ASIFInputError, BadImagesError, ImageLoadError
 from asif.images import load_image
 
 __all__ = [
@@ -192,24 +192,34 @@ class ImageEncoder:
         return getattr(self.model, "num_classes", 0) == 1000
 
     def _batches(self, images: list, batch_size: int):
-        """Yield preprocessed float32 ``[b, 3, H, W]`` batches, decoded one batch ahead."""
+        """Yield (positions, preprocessed float32 ``[b, 3, H, W]`` or None, failed) per batch, decoded
+        one batch ahead; ``failed`` lists ``(position, label, reason)`` of images that cannot be read."""
         starts = range(0, len(images), batch_size)
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             def submit(s):
                 return [pool.submit(self._pixels, im) for im in images[s:s + batch_size]]
             pending = submit(starts[0])
-            for i in range(len(starts)):
+            for i, start in enumerate(starts):
                 current = pending
                 # queue the next batch before waiting on this one: it decodes
                 # while this one goes through the network
                 pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
+                positions, pixels, failed = [], [], []
                 try:
-                    batch = self._normalise([f.result() for f in current])
+                    for j, f in enumerate(current):
+                        try:
+                            pixels.append(f.result())
+                            positions.append(start + j)
+                        except ImageLoadError as e:
+                            failed.append((start + j, e.path, e.reason))
+                        except ASIFInputError as e:  # an array that is no image
+                            failed.append((start + j, f"item {start + j}", str(e)))
+                    batch = self._normalise(pixels) if pixels else None
                 except BaseException:
                     for f in pending:
                         f.cancel()
                     raise
-                yield batch
+                yield positions, batch, failed
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
@@ -224,19 +234,34 @@ class ImageEncoder:
     def encode(self, images, batch_size: int = 64, progress: bool = True) -> np.ndarray:
         """``images``: sequence of PIL images / paths / arrays -> float32 ``[n, dim]``, unit-norm rows.
 
-        Raises ``ImageLoadError`` naming the first file that cannot be read (asif.images).
+        Raises ``BadImagesError`` naming every image that cannot be read
+        (asif.images); after the first, the rest are decoded to find the
+        others but no longer encoded.
+        """
+        vectors, failed = self.encode_checked(images, batch_size, progress, keep_going=False)
+        if failed:
+            raise BadImagesError(failed, len(vectors))
+        return vectors
+
+    def encode_checked(self, images, batch_size: int = 64, progress: bool = True,
+                       keep_going: bool = True) -> tuple[np.ndarray, list]:
+        """Like ``encode``, but an image that cannot be read leaves a zero row:
+        returns (float32 ``[n, dim]``, failed ``[(position, label, reason)]``).
+
+        ``keep_going=False`` stops encoding at the first failure (the rest are still decoded).
         """
         images = _check_nonempty(images, "images")
         if batch_size < 1:
             raise ASIFInputError(f"batch_size must be >= 1, got {batch_size}")
-        out = np.empty((len(images), self.dim), dtype=np.float32)
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        failed = []
         with progress_bar(len(images), f"embed images ({self.name})", progress and len(images) > batch_size) as bar:
-            n = 0
-            for x in self._batches(images, batch_size):
-                out[n:n + len(x)] = _l2_normalise(self._forward(x))
-                n += len(x)
-                bar.update(len(x))
-        return out
+            for positions, x, batch_failed in self._batches(images, batch_size):
+                failed += batch_failed
+                if x is not None and (keep_going or not failed):
+                    out[positions] = _l2_normalise(self._forward(x))
+                bar.update(len(positions) + len(batch_failed))
+        return out, failed
 
     def classify_imagenet(self, images, batch_size: int = 64) -> np.ndarray:
         """ImageNet-1k logits ``[n, 1000]`` (float32) from the restored classifier head.
@@ -249,8 +274,14 @@ class ImageEncoder:
         if not self.has_imagenet_head:
             raise ASIFInputError(f"{self.name} has no ImageNet classifier head (loaded with num_classes=0)")
         images = _check_nonempty(images, "images")
-        return np.concatenate([self._forward(x, pre_logits=False).float().cpu().numpy()
-                               for x in self._batches(images, batch_size)])
+        logits, failed = [], []
+        for _, x, batch_failed in self._batches(images, batch_size):
+            failed += batch_failed
+            if x is not None and not failed:
+                logits.append(self._forward(x, pre_logits=False).float().cpu().numpy())
+        if failed:
+            raise BadImagesError(failed, len(images))
+        return np.concatenate(logits)
 
 
 def _onnx_session(enc: ImageEncoder):

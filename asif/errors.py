@@ -23,12 +23,29 @@ class OfflineError(DataError):
     """Data that must be downloaded, on a machine without network."""
 
 
+class StorageError(DataError):
+    """A file or folder that cannot be written (disk full, read-only, no permission, a
+    file or folder in the way) or a stored file that cannot be read; the message names it."""
+
+
 class ImageLoadError(DataError):
     """An image that cannot be decoded; ``path`` names it (or says it came as bytes)."""
 
     def __init__(self, path, reason: str):
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class BadImagesError(DataError):
+    """Several images that cannot be decoded, all named in one message; ``failed`` lists
+    ``(index, label, reason)`` of each."""
+
+    def __init__(self, failed: list, total: int, hint: str = ""):
+        self.failed = list(failed)
+        shown = "; ".join(f"{label} ({reason})" for _, label, reason in self.failed[:20])
+        more = f"; and {len(self.failed) - 20} more" if len(self.failed) > 20 else ""
+        super().__init__(f"{len(self.failed)} of {total} images cannot be read: {shown}{more}"
+                         + (f". {hint}" if hint else ""))
 
 
 class FetchError(DataError):

@@ -42,8 +42,8 @@ import urllib.request
 from pathlib import Path
 
 from asif.config import cache_root, progress_bar
-from asif.errors import DataError, FetchError, ImageLoadError
-from asif.storage import atomic_write, atomic_write_json, slug
+from asif.errors import DataError, FetchError, ImageLoadError, StorageError
+from asif.storage import atomic_write, atomic_write_json, read_json, slug
 
 __all__ = ["ICONIFY_VERSION", "ICONIFY_INTEGRITY", "fetch_package", "load_index", "prerender", "icon_png",
            "canonical_name", "set_is_excluded", "credits_markdown"]
@@ -208,9 +208,12 @@ def load_index(root=None, progress: bool = True) -> dict:
     """The index of kept icons, built once from the package (downloaded if needed) and cached."""
     path = _folder(root) / "index.json.gz"
     if path.exists():
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            index = json.load(f)
-        if index.get("format") == INDEX_FORMAT:
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError):
+            index = None  # a damaged index (truncated, emptied) is built again below, never read forever
+        if isinstance(index, dict) and index.get("format") == INDEX_FORMAT:
             return index
     if progress:
         print(f"iconify {ICONIFY_VERSION}: indexing the icon sets (once) ...", flush=True)
@@ -303,7 +306,10 @@ def prerender(index: dict, root=None, workers: int | None = None, progress: bool
                 bar.update(n)
         atomic_write_json(folder / "render-failures.json", failed)
     elif (folder / "render-failures.json").exists():
-        failed = json.loads((folder / "render-failures.json").read_text())
+        try:
+            failed = read_json(folder / "render-failures.json")
+        except StorageError:  # a damaged record of failures: every icon has its PNG, so none failed
+            failed = []
     return {"rendered": len(index["icons"]) - len(failed), "failed": failed}
 
 

@@ -25,15 +25,18 @@ METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
 
 def check_labels(labels, n_queries: int, n_classes: int) -> torch.Tensor:
     """labels as int64 [Q] class indices in 0..C-1, or ASIFInputError naming what is wrong."""
-    y = torch.as_tensor(np.array(labels))
-    if y.ndim != 1 or y.shape[0] != n_queries:
-        raise ASIFInputError(f"labels: expected shape [{n_queries}] (one class index per image), got {tuple(y.shape)}")
-    if y.is_floating_point() and not bool((y == y.round()).all()):
-        raise ASIFInputError("labels: must be integer class indices")
-    y = y.long()
-    if n_queries and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ASIFInputError(f"labels: values must lie in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}")
-    return y
+    a = np.array(labels)
+    if a.dtype.kind not in "biuf":  # text, dates, objects: torch cannot hold them and they are not indices
+        raise ASIFInputError(f"labels: dtype {a.dtype} is not a number; labels are integer class indices 0..C-1 "
+                             "(map class names to their index first)")
+    if a.ndim != 1 or a.shape[0] != n_queries:
+        raise ASIFInputError(f"labels: expected shape [{n_queries}] (one class index per image), got {a.shape}")
+    if a.dtype.kind == "f" and not (np.isfinite(a) & (a == np.round(a))).all():
+        raise ASIFInputError("labels: must be integer class indices (found fractions, NaN or inf)")
+    if n_queries and (a.min() < 0 or a.max() >= n_classes):  # checked before the cast: 1e30 must not wrap around
+        raise ASIFInputError(f"labels: values must lie in 0..{n_classes - 1}, "
+                             f"got {float(a.min()):g}..{float(a.max()):g}")
+    return torch.as_tensor(a.astype(np.int64))  # native byte order too: torch reads no other
 
 
 def classification_metrics(scores, labels) -> dict:

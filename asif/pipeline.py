@@ -5,13 +5,13 @@
   run_zero_shot   the accuracy-vs-anchors curve (paper Fig. 5) and its clip_benchmark JSON
   clip_zero_shot  CLIP on the same images and prompts, the baseline
   build_default   the offline default embedded end to end (``asif data build``)
+  verify_cache    every shard of the cache hashed, the damaged ones removed (``asif data verify``)
 
 Every cell of a notebook that computes something and every ``asif`` command
 calls one of these, and so do the tests.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ import numpy as np
 import asif_core
 from asif import mixture, registry, storage
 from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
-from asif.config import cache_root
+from asif.config import cache_root, progress_bar
 from asif.datasets import load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
 from asif.errors import ASIFInputError
@@ -30,7 +30,8 @@ from asif.metrics import (METRIC_KEYS, classification_metrics, confusion_matrix,
                           per_class_recall, zero_shot_result)
 
 __all__ = ["Choice", "load_choice", "save_choice", "choice_options", "parse_exponents", "Prepared", "prepare",
-           "build_model", "default_anchor_counts", "ZeroShotRun", "run_zero_shot", "clip_zero_shot", "build_default"]
+           "build_model", "default_anchor_counts", "ZeroShotRun", "run_zero_shot", "clip_zero_shot", "build_default",
+           "verify_cache"]
 
 
 # ---------------------------------------------------------------------------
@@ -85,7 +86,9 @@ def load_choice() -> Choice:
     path = choice_path()
     if not path.exists():
         return Choice()
-    saved = json.loads(path.read_text())
+    saved = storage.read_json(path, f"the saved choice {path} (run 00_setup again or delete it)")
+    if not isinstance(saved, dict):
+        raise ASIFInputError(f"the saved choice {path} is not a JSON object; run 00_setup again or delete it")
     known = Choice.__dataclass_fields__
     return Choice(**{k: v for k, v in saved.items() if k in known})
 
@@ -356,4 +359,47 @@ def build_default(progress: bool = True, limit: int | None = None, root=None,
     timed("fashion-mnist-train (in-domain)",
           lambda: len(load_anchor_embeddings("fashion-mnist-train", image_encoder, text_encoder,
                                              limit=limit or IN_DOMAIN_ANCHORS, root=root, progress=progress)))
+    return report
+
+
+def verify_cache(root=None, repair: bool = True, progress: bool = True) -> list[dict]:
+    """Hash every shard of every embedding set in the cache, whatever the size-and-mtime
+    stamps say (the policy in ``asif.storage``); with ``repair``, remove what is damaged so
+    that its next use recomputes it (cached sets: those shards only) or unpacks it again
+    from its checked archive (fetched sets).
+
+    Returns one dict per set: ``folder``, ``shards``, ``bytes``, ``damaged`` (file names), ``action``.
+    """
+    from asif.cache import invalidate_damaged
+    base = cache_root(root)
+    sets = []
+    for kind in ("embeddings", "precomputed"):
+        for manifest in sorted((base / kind).rglob("manifest.json")):
+            rel = manifest.parent.relative_to(base / kind)
+            if any(part.startswith(".") or part.endswith(".unpacking") for part in rel.parts):
+                continue  # a build or an unpack in progress
+            try:
+                m = storage.read_json(manifest)
+            except storage.StorageError:
+                m = None
+            if m is None or "shards" in m:  # an ASIF anchor-set manifest sits above two embedding sets
+                sets.append((kind, manifest.parent, rel))
+    report = []
+    with progress_bar(len(sets), "verify", progress, unit="set") as bar:
+        for kind, folder, rel in sets:
+            damaged = storage.verify_folder(folder)
+            shards = [p.stat().st_size for p in folder.glob("embeddings-*.npy")]
+            action = ""
+            if damaged and kind == "embeddings":
+                action = "removed; the next run that uses this set recomputes them" if repair else "not repaired"
+                if repair:
+                    invalidate_damaged(folder, damaged)
+            elif damaged:
+                name = rel.parts[0]
+                action = f"`asif fetch {name}` unpacks it again" if repair else "not repaired"
+                if repair:
+                    registry.forget(base / kind / name)
+            report.append({"folder": folder, "shards": len(shards), "bytes": sum(shards),
+                           "damaged": damaged, "action": action})
+            bar.update(1)
     return report

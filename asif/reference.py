@@ -39,5 +39,7 @@ def class_scores(anchor_images, anchor_texts, images, prompts, n_classes: int, k
     if reduce == "max":
         return (rx @ rt.T).reshape(len(images), n_classes, t).max(axis=2)
     mean = rt.reshape(n_classes, t, -1).mean(axis=1)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    norm = np.linalg.norm(mean, axis=1, keepdims=True)
+    # a class whose prompts keep no anchor has a zero mean: it scores 0, as a zero r(x) does
+    mean = np.divide(mean, norm, out=np.zeros_like(mean), where=norm > 0)
     return rx @ mean.T

@@ -11,19 +11,20 @@ truncation, checksum, full disk, a bad archive) raises ``FetchError`` with a
 from __future__ import annotations
 
 import errno
-import json
+import lzma
 import os
 import shutil
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 from asif import storage
 from asif.config import DATA_DIR, cache_root
 from asif.errors import DataError, FetchError
-from asif.storage import atomic_write, atomic_write_json, load_embedding_set, sha256_file
+from asif.storage import atomic_write, atomic_write_json, load_embedding_set, read_json, sha256_file
 
-__all__ = ["REGISTRY_FORMAT", "load_registry", "fetch", "publish"]
+__all__ = ["REGISTRY_FORMAT", "load_registry", "fetch", "forget", "publish"]
 
 REGISTRY_FORMAT = "asif-registry/1"
 
@@ -37,7 +38,11 @@ def load_registry(registry: str | os.PathLike | None = None) -> dict:
     path = _registry_path(registry)
     if not path.exists():
         return {}
-    return dict(json.loads(path.read_text()).get("embeddings", {}))
+    data = read_json(path, f"registry {path}")
+    if not isinstance(data, dict) or not isinstance(data.get("embeddings", {}), dict):
+        raise DataError(f"registry {path}: not a registry (no \"embeddings\" object); restore it or point "
+                        "ASIF_REGISTRY elsewhere")
+    return dict(data.get("embeddings", {}))
 
 
 def _download(source: dict, output: Path, progress: bool, timeout: float) -> None:
@@ -55,6 +60,19 @@ def _download(source: dict, output: Path, progress: bool, timeout: float) -> Non
         gdown.download(**kwargs)
 
 
+def _download_resuming(source: dict, incoming: Path, progress: bool, timeout: float) -> None:
+    """``_download``, resuming a partial file; when the server ignores byte ranges the
+    partial file is useless (it would stay and fail every later fetch): start from zero."""
+    try:
+        _download(source, incoming, progress, timeout)
+    except Exception as e:
+        if "did not honor the requested byte range" not in str(e):
+            raise
+        for part in incoming.parent.glob(incoming.name + "*.part"):
+            part.unlink()
+        _download(source, incoming, progress, timeout)
+
+
 def _describe(source: dict) -> str:
     return f"Google Drive file {source['gdrive_id']}" if "gdrive_id" in source else source.get("url", "?")
 
@@ -62,7 +80,7 @@ def _describe(source: dict) -> str:
 def _move_aside(path: Path, why: str) -> Path:
     """Keep a bad download for inspection, under a name that is never used as the archive."""
     bad = path.parent / "rejected" / f"{path.name}.{why}.{time.strftime('%Y%m%d-%H%M%S')}"
-    bad.parent.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(bad.parent)
     os.replace(path, bad)
     return bad
 
@@ -84,7 +102,7 @@ def _safe_extract(archive: Path, dest: Path) -> None:
     """Unpack into a temporary folder, refusing links and paths outside it, then rename into place."""
     tmp = dest.with_name(dest.name + ".unpacking")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    storage.make_folder(tmp)
     try:
         with tarfile.open(archive, "r:*") as tar:
             for m in tar.getmembers():
@@ -97,9 +115,17 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(m) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
-    except tarfile.TarError as e:
+        if not any(tmp.rglob("manifest.json")):
+            raise FetchError("archive", f"{archive}: a tar archive without any embedding set (no manifest.json); "
+                                        "the registry entry points at the wrong file")
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FetchError("archive", f"{archive}: not a valid tar archive ({e})")
+        if isinstance(e, OSError) and not isinstance(e, tarfile.TarError) and e.errno is not None:
+            raise  # a fault of the disk, not of the archive (handled by the caller)
+        raise FetchError("archive", f"{archive}: its sha256 matches the registry but it is not a valid tar archive "
+                                    f"({' '.join(str(e).split()) or type(e).__name__}); the registry entry is wrong, "
+                                    "tell its publisher") \
+            from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -126,11 +152,11 @@ def fetch(name: str, registry: str | os.PathLike | None = None, root: str | os.P
         raise DataError(f"registry entry {name!r} has no source (url or gdrive_id); upload the archive and add it")
     base = cache_root(root)
     dest = base / "precomputed" / storage.slug(name)
-    marker = dest / ".fetched.json"
-    if marker.exists() and json.loads(marker.read_text()).get("sha256") == expected:
+    marker = dest / _MARKER
+    if _fetched_sha(marker) == expected:
         return dest
     downloads = base / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(downloads)
     archive = downloads / f"{storage.slug(name)}.tar"
     if not (archive.exists() and sha256_file(archive) == expected):
         _fetch_archive(name, source, expected, size, archive, progress, timeout)
@@ -145,6 +171,23 @@ def fetch(name: str, registry: str | os.PathLike | None = None, root: str | os.P
     return dest
 
 
+_MARKER = ".fetched.json"  # written after a checked unpack: its sha256 says which archive the folder holds
+
+
+def _fetched_sha(marker: Path) -> str | None:
+    try:
+        data = read_json(marker)
+    except (FileNotFoundError, DataError):  # no marker, or a damaged one: unpack again
+        return None
+    return data.get("sha256") if isinstance(data, dict) else None
+
+
+def forget(folder: str | os.PathLike) -> None:
+    """Make the next ``fetch`` of the precomputed set in ``folder`` unpack it again from its
+    (sha256-checked) archive, or download it again (after ``asif data verify`` found damage)."""
+    (Path(folder) / _MARKER).unlink(missing_ok=True)
+
+
 def _fetch_archive(name, source, expected, size, archive: Path, progress, timeout) -> None:
     """Download into ``archive`` + ``.incoming``, check it, and rename it to ``archive``."""
     import requests
@@ -153,7 +196,7 @@ def _fetch_archive(name, source, expected, size, archive: Path, progress, timeou
     _check_space(archive.parent, 2 * size - partial, name)  # archive + unpacked copy
     where = _describe(source)
     try:
-        _download(source, incoming, progress, timeout)
+        _download_resuming(source, incoming, progress, timeout)
     except requests.HTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status == 404:
@@ -249,7 +292,7 @@ def publish(folder: str | os.PathLike, name: str | None = None, url: str | None 
              "count": {k: d["count"] for k, d in described.items()},
              "dims": {k: d["dim"] for k, d in described.items()}, "sets": described}
     path = _registry_path(registry)
-    data = json.loads(path.read_text()) if path.exists() else {"format": REGISTRY_FORMAT, "embeddings": {}}
+    data = read_json(path, f"registry {path}") if path.exists() else {"format": REGISTRY_FORMAT, "embeddings": {}}
     data.setdefault("embeddings", {})[name] = entry
     atomic_write_json(path, data)
     return dict(entry, archive=str(archive), registry=str(path))

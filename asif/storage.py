@@ -12,10 +12,24 @@ Every write goes to a temporary file in the same folder that is renamed over
 the target, so a reader, or a job that is killed, sees the old file or the
 new one and never half of one. The manifest is written last: a folder with
 a manifest is complete. Files get the permissions the user's umask gives.
+A write that fails (disk full, read-only, no permission, a file in the way)
+raises ``StorageError`` naming the file and the folder; ``check_writable``
+finds the same faults before any work is done.
+
+Shard verification policy: a shard is checked against the sha256 in its
+manifest. Hashing costs about a second per 300 MB, so on a cache hit a shard
+whose size and modification time are those it had when last hashed is
+trusted without hashing (``VerifiedShards``); any write changes the mtime and
+brings the hash back. What that cannot see is bytes changed in place with
+size and mtime kept (bit rot, a restored backup with old times): ``asif data
+verify`` (``verify_folder``) hashes every shard under a folder, whatever the
+stamps say, and removes the damaged ones so that the next run recomputes
+them, and only them.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,12 +42,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from asif.errors import ASIFInputError
+from asif.errors import ASIFInputError, StorageError
 
 __all__ = [
-    "EMBEDDING_SET_FORMAT", "sha256_file", "sha256_text", "atomic_write", "atomic_save_npy",
+    "EMBEDDING_SET_FORMAT", "sha256_file", "sha256_text", "printable", "read_text", "read_json", "make_folder",
+    "check_writable", "atomic_write", "atomic_save_npy",
     "atomic_write_json", "atomic_folder", "slug", "write_captions", "shard_name", "verify_shard", "VerifiedShards",
-    "ShardedArray", "EmbeddingSet", "save_embedding_set", "load_embedding_set",
+    "ShardedArray", "EmbeddingSet", "save_embedding_set", "load_embedding_set", "verify_folder",
 ]
 
 EMBEDDING_SET_FORMAT = "asif-embeddings/1"
@@ -60,15 +75,121 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def sha256_text(text: str) -> str:
-    """Hex sha256 of a string's UTF-8 bytes."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """Hex sha256 of a string's UTF-8 bytes (a file name that is not UTF-8 hashes as its raw bytes)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file name as valid text: bytes that are not UTF-8 are shown as ``\\xNN`` (same name, same text)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def read_text(path: str | os.PathLike, what: str | None = None) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped) as a string.
+
+    Raises ``StorageError`` naming the file, the line and the fix when it is
+    not UTF-8, and ``FileNotFoundError`` when it is missing.
+    """
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise StorageError(f"{what or printable(path)}: not UTF-8 text (byte {raw[e.start]:#04x} on line {line}); "
+                           "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def read_json(path: str | os.PathLike, what: str | None = None):
+    """The JSON value in ``path``; ``StorageError`` naming the file when it is empty, truncated or not JSON."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        why = "empty" if not text.strip() else f"not valid JSON, truncated? ({e})"
+        raise StorageError(f"{what or printable(path)}: {why}") from None
+
+
+# Faults of the place written to, as opposed to faults of what is being written.
+_PLACE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                 errno.EFBIG: "the file is too large for the file system", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.EISDIR: "it is a directory", errno.ENOTDIR: "a parent of it is a file, not a folder",
+                 errno.EEXIST: "a parent of it is a file, not a folder", errno.ENAMETOOLONG: "the name is too long"}
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _write_error(e: OSError, path: Path) -> StorageError:
+    where = _nearest_folder(path.parent)
+    reason = _PLACE_ERRNOS.get(e.errno, e.strerror or str(e))
+    if e.errno in _FULL:
+        with contextlib.suppress(OSError):
+            reason += f" ({shutil.disk_usage(where).free / 1e6:.1f} MB free on the disk holding {where})"
+        fix = "free some space or write elsewhere (the cache: set ASIF_CACHE to a larger disk)"
+    else:
+        fix = "write somewhere else"
+    return StorageError(f"cannot write {printable(path)}: {reason}; {fix}")
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``mkdir -p``, raising ``StorageError`` (naming the folder and why) instead of an OSError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno not in _PLACE_ERRNOS:
+            raise
+        raise _write_error(e, folder) from None
+    return folder
+
+
+def check_writable(path: str | os.PathLike, what: str, size: int = 0) -> Path:
+    """Raise ``StorageError`` unless a file of ``size`` bytes can be written at ``path``.
+
+    Run it before the work that produces the file, so a folder in the way, a
+    parent that is a file, a read-only or full disk is found in a second, not
+    after minutes of computing. It creates nothing (a probe file is removed).
+    """
+    path = Path(path)
+    label = f"{what} {printable(path)}"
+    if path.is_dir():
+        raise StorageError(f"{label}: is a directory; give a file name (e.g. {printable(path / 'out')})")
+    folder = _nearest_folder(path.parent)
+    if not folder.is_dir():
+        raise StorageError(f"{label}: {printable(folder)} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".asif-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(f"{label}: cannot write in {printable(folder)}: "
+                           f"{_PLACE_ERRNOS.get(e.errno, e.strerror)}; write somewhere else") from None
+    free = shutil.disk_usage(folder).free
+    if free < size + (1 << 16):
+        raise StorageError(f"{label}: the disk is full: needs {size / 1e6:.1f} MB, {free / 1e6:.1f} MB free on the "
+                           f"disk holding {printable(folder)}; free some space or write elsewhere")
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write a file atomically: ``write(f)`` fills a temporary file that then replaces ``path``."""
+    """Write a file atomically: ``write(f)`` fills a temporary file that then replaces ``path``.
+
+    A fault of the destination (disk full, read-only, a folder in the way)
+    raises ``StorageError`` naming the file; the old file, if any, is kept.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -76,9 +197,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; outputs follow the umask like any other
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # a full disk shows up inside write(f) too; other OSErrors there may concern what is read
+        if isinstance(e, OSError) and (e.errno in _FULL or (e.errno in _PLACE_ERRNOS and e.filename in (tmp, None))):
+            raise _write_error(e, path) from None
         raise
 
 
@@ -101,8 +225,11 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     An interrupted build leaves the old folder (if any) as it was.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    make_folder(folder.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise _write_error(e, folder) from None
     try:
         yield tmp
         os.chmod(tmp, _DIR_MODE)  # mkdtemp makes 0700 folders
@@ -127,7 +254,11 @@ def write_captions(path: str | os.PathLike, captions: Sequence[str], ids: Sequen
     """captions.jsonl: one ``{"id", "caption"}`` (or ``{"caption"}`` without ids) per row, atomically."""
     if ids is not None and len(ids) != len(captions):
         raise ASIFInputError(f"write_captions: {len(ids)} ids for {len(captions)} captions")
-    rows = ({"caption": str(c)} if ids is None else {"id": i, "caption": str(c)}
+    bad = next((i for i, c in enumerate(captions) if not isinstance(c, str)), None)
+    if bad is not None:  # str(None) would store the caption "None"
+        raise ASIFInputError(f"write_captions: caption {bad} is {type(captions[bad]).__name__}, not text; "
+                             "give every pair a caption (or leave the pair out)")
+    rows = ({"caption": c} if ids is None else {"id": i, "caption": c}
             for i, c in zip(ids if ids is not None else captions, captions))
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
     atomic_write(path, lambda f: f.write(text))
@@ -170,8 +301,15 @@ class VerifiedShards:
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".progress" / "verified.json"
-        self.stamps = json.loads(self.path.read_text()) if self.path.exists() else {}
+        try:
+            self.stamps = read_json(self.path) if self.path.exists() else {}
+        except StorageError:  # damaged stamps only cost hashing again
+            self.stamps = {}
+        self.stamps = self.stamps if isinstance(self.stamps, dict) else {}
         self._saved = dict(self.stamps)
+
+    def forget(self, name: str) -> None:
+        self.stamps.pop(name, None)
 
     def unchanged(self, path: Path, sha256: str) -> bool:
         st = path.stat()
@@ -294,7 +432,7 @@ def save_embedding_set(folder: str | os.PathLike, array, meta: dict | None = Non
         raise ASIFInputError(f"save_embedding_set: {len(captions)} captions for {n} embeddings; give one caption per row")
     if labels is not None and len(labels) != n:
         raise ASIFInputError(f"save_embedding_set: {len(labels)} labels for {n} embeddings; give one label per row")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     shards = []
     for i, start in enumerate(range(0, max(n, 1), shard_rows)):
         block = np.asarray(array[start:start + shard_rows])
@@ -319,7 +457,9 @@ def load_embedding_set(folder: str | os.PathLike, verify: bool = False) -> Embed
     path = folder / "manifest.json"
     if not path.exists():
         raise ASIFInputError(f"{folder}: no manifest.json; this is not an embedding set folder (write one with save_embedding_set)")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise StorageError(f"{printable(path)}: not an embedding-set manifest (no list of shards); rebuild the set")
     arrays = []
     for shard in manifest["shards"]:
         file = folder / shard["file"]
@@ -332,3 +472,29 @@ def load_embedding_set(folder: str | os.PathLike, verify: bool = False) -> Embed
     if array.shape != (manifest["count"], manifest["dim"]):
         raise ASIFInputError(f"{folder}: shards hold {array.shape}, manifest says {(manifest['count'], manifest['dim'])}; rebuild it")
     return EmbeddingSet(folder, array, manifest)
+
+
+def verify_folder(folder: str | os.PathLike) -> list[str]:
+    """Hash every shard of the embedding set in ``folder`` against its manifest, whatever
+    ``VerifiedShards`` says; return the names of what is damaged (shards that are
+    missing or differ, or ``manifest.json`` itself when it cannot be read), [] when
+    all is well. Intact shards are recorded as verified, so the next use trusts them.
+    """
+    folder = Path(folder)
+    try:
+        manifest = read_json(folder / "manifest.json")
+        shards = [(s["file"], s["sha256"]) for s in manifest["shards"]]
+    except (StorageError, FileNotFoundError, KeyError, TypeError):
+        return ["manifest.json"]
+    verified = VerifiedShards(folder)
+    damaged = []
+    for name, sha in shards:
+        path = folder / name
+        if path.is_file() and sha256_file(path) == sha:
+            verified.record(path, sha)
+        else:
+            verified.forget(name)
+            damaged.append(name)
+    with contextlib.suppress(StorageError):  # a read-only copy can still be verified
+        verified.save()
+    return damaged

@@ -97,7 +97,8 @@ class Server:
     """Serves ``files`` {path: bytes} on 127.0.0.1 with Range support.
 
     ``mode``: ok | html (a Drive quota page) | 404 | truncate (sends half,
-    announces all) | corrupt (first bytes flipped).
+    announces all) | corrupt (first bytes flipped) | norange (ignores Range:
+    always the whole file, status 200).
     """
 
     def __init__(self):
@@ -127,7 +128,7 @@ class Server:
                     body = bytes(b ^ 0xFF for b in body[:64]) + body[64:]
                 start, status = 0, 200
                 rng = self.headers.get("Range")
-                if rng and rng.startswith("bytes="):
+                if rng and rng.startswith("bytes=") and server.mode != "norange":
                     start, status = int(rng[6:].split("-")[0]), 206
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-tar")
@@ -191,3 +192,40 @@ def published(tmp_path, server):
     data["embeddings"]["mine"]["source"] = {"url": server.url + "/mine.tar"}
     registry.write_text(json.dumps(data))
     return registry, array, tmp_path / "cache"
+
+
+class _FullFile:
+    """A file object whose writes fail with ENOSPC once ``room`` bytes are written: a full disk."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        self._room -= len(data)
+        if self._room < 0:
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(room)``: from now on, files that asif.storage writes hit a full disk after
+    ``room`` bytes, and the disk reports that little free space."""
+    import shutil
+    from asif import storage
+
+    def fill(room: int = 0):
+        real = os.fdopen
+        monkeypatch.setattr(storage.os, "fdopen", lambda fd, *a, **k: _FullFile(real(fd, *a, **k), room))
+        monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - room, room))
+    return fill

@@ -120,6 +120,121 @@ def test_webdataset_shards(tmp_path):
         assert np.abs(got - np.array(expected[c])).max() <= 3
 
 
+# --- faults in user files: each one line naming the file, or a skipped pair with its reason
+
+def test_csv_with_a_byte_order_mark_and_other_encodings(tmp_path):
+    make_folder(tmp_path / "img", ["x"], 2)
+    body = "image_path,caption\nimg/x/0.png,caf\u00e9 au lait\nimg/x/1.png,cr\u00e8me\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # as Excel saves "CSV UTF-8"
+    assert sorted(A.load_anchor_set(f"captions:{tmp_path / 'bom.csv'}").captions) == ["caf\u00e9 au lait", "cr\u00e8me"]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"image": "img/x/0.png", "caption": "a"}\n')
+    assert A.load_anchor_set(f"captions:{tmp_path / 'bom.jsonl'}").captions == ["a"]
+    for name, data in (("latin.csv", body.encode("latin-1")), ("utf16.csv", body.encode("utf-16")),
+                       ("latin.jsonl", '{"image": "img/x/0.png", "caption": "caf\u00e9"}\n'.encode("latin-1"))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"captions:.*{name}: not UTF-8 text .*line"):
+            A.load_anchor_set(f"captions:{tmp_path / name}")
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('["img/x/0.png", "a caption"]', "line 2 is a JSON list, not an object"),
+    ('"just a string"', "line 2 is a JSON str, not an object"),
+    ("42", "line 2 is a JSON int, not an object"),
+    ("null", "line 2 is a JSON NoneType, not an object"),
+    ('{"image": "img/x/0.png", "caption": "a"', "line 2 is not JSON"),
+])
+def test_jsonl_lines_that_are_not_objects(tmp_path, line, needle):
+    make_folder(tmp_path / "img", ["x"], 1)
+    (tmp_path / "a.jsonl").write_text('{"image": "img/x/0.png", "caption": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=needle):
+        A.load_anchor_set(f"captions:{tmp_path / 'a.jsonl'}")
+
+
+def test_missing_or_null_captions_are_skipped_with_the_reason_never_none(tmp_path):
+    make_folder(tmp_path / "img", ["x"], 8)
+    rows = [{"image": "img/x/0.png", "caption": "kept"}, {"image": "img/x/1.png", "caption": None},
+            {"image": "img/x/2.png"}, {"image": "img/x/3.png", "caption": "   "},
+            {"image": "img/x/4.png", "caption": ["a", "list"]}, {"image": None, "caption": "no image"},
+            {"image": "img/x/6.png", "caption": 7}, {"image": "img/x/7.png", "caption": True}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = A.load_anchor_set(f"captions:{tmp_path / 'a.jsonl'}")
+    assert sorted(s.captions) == ["7", "kept"] and "None" not in s.captions
+    assert [(x["id"], x["reason"]) for x in s.skipped] == [
+        ("a.jsonl:2", "caption missing (null)"), ("a.jsonl:3", "caption missing (null)"), ("a.jsonl:4", "caption empty"),
+        ("a.jsonl:5", "caption a JSON list, not text"), ("a.jsonl:6", "image path missing (null)"),
+        ("a.jsonl:8", "caption a JSON bool, not text")]
+    # a CSV row shorter than its header has no caption either
+    (tmp_path / "short.csv").write_text("image,caption\nimg/x/0.png,kept\nimg/x/1.png\nimg/x/2.png,\n")
+    s = A.load_anchor_set(f"captions:{tmp_path / 'short.csv'}")
+    assert s.captions == ["kept"] and [x["reason"] for x in s.skipped] == ["caption missing (null)", "caption empty"]
+    (tmp_path / "none.csv").write_text("image,caption\nimg/x/0.png,\nimg/x/1.png,\n")
+    with pytest.raises(DataError, match="none of its 2 rows has both an image path and a caption"):
+        A.load_anchor_set(f"captions:{tmp_path / 'none.csv'}")
+
+
+def test_captions_file_faults_are_named(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("image,caption\n")
+    (tmp_path / "nul.csv").write_bytes(b"image,caption\na.png,b\x00c\n")
+    (tmp_path / "adir.csv").mkdir()
+    for name, needle in (("empty.csv", "no rows"), ("header.csv", "no rows"), ("adir.csv", "is a directory"),
+                         ("missing.csv", "file not found")):
+        with pytest.raises(DataError, match=f"{name}: {needle}"):
+            A.load_anchor_set(f"captions:{tmp_path / name}")
+    try:  # csv refuses NUL bytes on some Python versions: then one named line, never a traceback
+        s = A.load_anchor_set(f"captions:{tmp_path / 'nul.csv'}")
+        assert s.captions == ["b\x00c"]
+    except DataError as e:
+        assert "nul.csv: line 2 is not valid CSV" in str(e)
+
+
+def write_shard(path, pairs, compress=False):
+    with tarfile.open(path, "w:gz" if compress else "w") as tar:
+        for key, image, text in pairs:
+            for name, data in ((f"{key}.png", image), (f"{key}.txt", text)):
+                if data is None:
+                    continue
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+
+
+def png_bytes(colour=(1, 2, 3)):
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 5), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_shard_faults_name_the_shard(tmp_path):
+    good = [("a", png_bytes(), b"a caption"), ("b", png_bytes((9, 9, 9)), b"another caption")]
+    write_shard(tmp_path / "ok.tar", good)
+    whole = (tmp_path / "ok.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:700])        # cut inside the first member
+    (tmp_path / "cut2.tar").write_bytes(whole[:1600])      # cut inside the second pair
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "text.tar").write_text("not a tar at all\n" * 40)
+    write_shard(tmp_path / "zipped.tar", good, compress=True)
+    (tmp_path / "adir.tar").mkdir()
+    for name, needle in (("cut.tar", "truncated|not a readable"), ("cut2.tar", "truncated|not a readable"),
+                         ("empty.tar", "not a readable"), ("text.tar", "not a readable"),
+                         ("zipped.tar", "not a readable uncompressed tar.*gunzip"), ("adir.tar", "not a file")):
+        with pytest.raises(DataError, match=rf"shard {tmp_path / name} is ({needle})") as e:
+            A.load_anchor_set(f"webdataset:{tmp_path / name}")
+        assert "\n" not in str(e.value)
+    s = A.load_anchor_set(f"webdataset:{tmp_path}/ok.tar")
+    assert sorted(s.captions) == ["a caption", "another caption"]
+
+
+def test_webdataset_captions_that_cannot_be_used_are_skipped(tmp_path):
+    write_shard(tmp_path / "s.tar", [("a", png_bytes(), b"fine"), ("b", png_bytes(), "caf\u00e9".encode("latin-1")),
+                                     ("c", png_bytes(), b"  \n"), ("d", png_bytes(), None),
+                                     ("e", png_bytes(), b"\xef\xbb\xbfwith a bom")])
+    s = A.load_anchor_set(f"webdataset:{tmp_path}/s.tar")
+    assert sorted(s.captions) == ["fine", "with a bom"]
+    assert sorted((x["id"], x["reason"]) for x in s.skipped) == [
+        ("s.tar/b", "caption is not UTF-8 text"), ("s.tar/c", "caption empty"), ("s.tar/d", "needs an image and a .txt")]
+
+
 def test_pairs_shared_with_a_test_set_leave_the_anchors(tmp_path):
     """The general rule: any anchor whose item key the test set holds is removed before the limit."""
     paths = []

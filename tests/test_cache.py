@@ -120,19 +120,24 @@ C.embed_cached(enc, [f"caption number {{i}}" for i in range(64)], kind="text", d
 """
 
 
-def test_killed_run_resumes_from_complete_shards(tmp_path):
-    cache = tmp_path / "killed"
-    script = KILL_SCRIPT.format(cache=str(cache))
+def kill_when(script: str, cache: Path, pattern: str, count: int, timeout: float = 60) -> int:
+    """Run ``script`` in a process of its own and kill -9 it once ``count`` files under ``cache``
+    match ``pattern``; return how many match then."""
     env = dict(os.environ, PYTHONPATH=str(HERE))  # the fake encoder lives in conftest
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
-    deadline = time.time() + 30
+    deadline = time.time() + timeout
     try:
-        while time.time() < deadline and len(list(cache.rglob(".progress/*.json"))) < 3:
+        while time.time() < deadline and len(list(cache.rglob(pattern))) < count:
             time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    done = len(list(cache.rglob(".progress/*.json")))
+    return len(list(cache.rglob(pattern)))
+
+
+def test_killed_run_resumes_from_complete_shards(tmp_path):
+    cache = tmp_path / "killed"
+    done = kill_when(KILL_SCRIPT.format(cache=str(cache)), cache, ".progress/*.json", 3, timeout=30)
     assert 3 <= done < 8, f"the run should have been killed mid-way ({done} shards done)"
     assert not list(cache.rglob("manifest.json")), "no manifest before the run completes"
     enc = FakeEncoder("text")
@@ -206,6 +211,150 @@ def test_a_cache_built_before_the_package_layout_is_still_valid(tmp_path, monkey
     np.testing.assert_allclose(a.A_img, new.A_img, atol=1e-7)
     np.testing.assert_allclose(a.A_txt, new.A_txt, atol=1e-7)
     assert a.captions == new.captions and fresh_img.rows == 5
+
+
+KILL_IN_SHARD_SCRIPT = """
+from asif import cache as C
+from conftest import FakeEncoder
+enc = FakeEncoder("{kind}", delay=0.1)
+items = {items}
+C.embed_cached(enc, items, kind="{kind}", dataset={{"d": "small"}}, ids=[str(i) for i in range(len(items))],
+               name="s", root={cache!r}, batch_size=4, checkpoint_rows=4, progress=False)
+"""
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_a_run_smaller_than_one_shard_resumes_from_its_checkpoints(tmp_path, kind):
+    """60 inputs, one 4096-row shard: a kill keeps every finished chunk of 4, and the rerun encodes only the rest."""
+    if kind == "image":
+        items = [str(p) for p in write_images(tmp_path / "imgs", 60)]
+    else:
+        items = [f"caption number {i}" for i in range(60)]
+    cache = tmp_path / "cache"
+    script = KILL_IN_SHARD_SCRIPT.format(kind=kind, items=items, cache=str(cache))
+    chunks = kill_when(script, cache, ".progress/00000.part-*.json", 4)
+    assert 4 <= chunks < 15, f"the run should have been killed inside its only shard ({chunks} chunks done)"
+    assert not list(cache.rglob("manifest.json")) and not list(cache.rglob("embeddings-00000.npy"))
+    enc = FakeEncoder(kind)
+    resumed = C.embed_cached(enc, items, kind=kind, dataset={"d": "small"}, ids=[str(i) for i in range(60)],
+                             name="s", root=cache, batch_size=4, checkpoint_rows=4, progress=False)
+    assert enc.rows == 60 - 4 * chunks, "finished chunks are not encoded again"
+    assert not list(cache.rglob(".progress/*.part-*")), "checkpoints go once the shard is written"
+    fresh = FakeEncoder(kind)  # (the fake takes a str as a text: paths go in as Path)
+    np.testing.assert_array_equal(np.asarray(resumed.array), fresh.encode([Path(i) for i in items] if kind == "image"
+                                                                          else items))
+
+
+def test_checkpoints_that_do_not_fit_are_recomputed(tmp_path):
+    """A damaged chunk, or chunks of another size from an earlier run, are never used."""
+    enc = FakeEncoder("text")
+    items = texts(20)
+    folder = None
+    for damage in ("bytes", "record", "size"):
+        shutil.rmtree(tmp_path / "c", ignore_errors=True)
+        first = C.embed_cached(enc, items, kind="text", dataset={"d": 1}, ids=[str(i) for i in range(20)], name="x",
+                               root=tmp_path / "c", checkpoint_rows=5, progress=False)
+        folder = first.folder
+        # put the checkpoints of an interrupted run back: shard and manifest gone, chunks kept
+        progress = folder / ".progress"
+        for c in range(4):
+            lo = 5 * c
+            np.save(progress / f"00000.part-{c:05d}.npy", np.asarray(first.array)[lo:lo + 5])
+            from asif.storage import sha256_file
+            (progress / f"00000.part-{c:05d}.json").write_text(json.dumps(
+                {"start": lo, "items": 5, "failed": [], "sha256": sha256_file(progress / f"00000.part-{c:05d}.npy")}))
+        (folder / "manifest.json").unlink()
+        (folder / "embeddings-00000.npy").unlink()
+        (progress / "00000.json").unlink()
+        if damage == "bytes":
+            bad = np.load(progress / "00000.part-00001.npy")
+            bad[0, 0] += 1
+            np.save(progress / "00000.part-00001.npy", bad)
+        elif damage == "record":
+            (progress / "00000.part-00002.json").write_text("{")
+        enc.rows = 0
+        again = C.embed_cached(enc, items, kind="text", dataset={"d": 1}, ids=[str(i) for i in range(20)], name="x",
+                               root=tmp_path / "c", checkpoint_rows=10 if damage == "size" else 5, progress=False)
+        assert enc.rows == {"bytes": 5, "record": 5, "size": 20}[damage], damage
+        np.testing.assert_array_equal(np.asarray(again.array), FakeEncoder("text").encode(items))
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "asif-embeddings/1", "cache_k', b"null", b"[]"])
+def test_an_unreadable_manifest_is_rebuilt_from_the_intact_shards(tmp_path, content):
+    enc = FakeEncoder("text")
+    a = embed_texts(enc, tmp_path)
+    reference = np.asarray(a.array).copy()
+    (a.folder / "manifest.json").write_bytes(content)
+    (a.folder / a.manifest["shards"][3]["file"]).unlink()  # and one shard lost with it
+    enc.rows = 0
+    b = embed_texts(enc, tmp_path)
+    assert enc.rows == 8, "only the missing shard is encoded again"
+    np.testing.assert_array_equal(np.asarray(b.array), reference)
+    assert json.loads((a.folder / "manifest.json").read_text())["count"] == 40
+
+
+def test_damaged_progress_records_are_redone(tmp_path):
+    enc = FakeEncoder("text")
+    a = embed_texts(enc, tmp_path)
+    (a.folder / "manifest.json").unlink()
+    (a.folder / ".progress" / "00001.json").write_text("")
+    (a.folder / ".progress" / "00002.json").write_text('{"rows": 8}')  # no sha256: cannot be trusted
+    enc.rows = 0
+    b = embed_texts(enc, tmp_path)
+    assert enc.rows == 16
+    np.testing.assert_array_equal(np.asarray(b.array), FakeEncoder("text").encode(texts(40)))
+
+
+def test_a_full_disk_in_the_cache_is_named_and_finished_shards_are_kept(tmp_path, full_disk):
+    enc = FakeEncoder("text")
+    items = texts(40)
+    real_encode = enc.encode
+    calls = []
+
+    def encode_then_fill(batch, **kw):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            full_disk(room=0)  # the disk fills up while the third shard is encoded
+        return real_encode(batch, **kw)
+    enc.encode = encode_then_fill
+    from asif.errors import StorageError
+    with pytest.raises(StorageError) as e:
+        C.embed_cached(enc, items, kind="text", dataset={"d": "full"}, ids=[str(i) for i in range(40)], name="t",
+                       root=tmp_path, shard_rows=8, progress=False)
+    message = str(e.value)
+    assert "the disk is full" in message and "embeddings-00002.npy" in message and str(tmp_path) in message
+    assert "ASIF_CACHE" in message and "\n" not in message
+
+
+def test_texts_must_be_text(tmp_path):
+    from asif.errors import DataError
+    with pytest.raises(DataError, match=r"1 of 3 texts are not strings \(item '1' is NoneType\)"):
+        C.embed_cached(FakeEncoder("text"), ["a", None, "c"], kind="text", dataset={}, ids=["0", "1", "2"],
+                       root=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.npy")), "nothing is embedded"
+
+
+def test_verify_cache_finds_bit_rot_and_the_next_run_recomputes_only_that(tmp_path):
+    from asif.pipeline import verify_cache
+    from test_storage import flip_in_place
+    enc = FakeEncoder("text")
+    a = embed_texts(enc, tmp_path)
+    reference = np.asarray(a.array).copy()
+    damaged = a.folder / a.manifest["shards"][2]["file"]
+    flip_in_place(damaged)
+    enc.rows = 0
+    trusted = embed_texts(enc, tmp_path)
+    assert enc.rows == 0 and not np.array_equal(np.asarray(trusted.array), reference), \
+        "the documented policy: size and mtime unchanged, the shard is trusted on a hit"
+    report = verify_cache(tmp_path, repair=False, progress=False)
+    assert [r["damaged"] for r in report] == [[damaged.name]] and damaged.exists(), "a dry run removes nothing"
+    report = verify_cache(tmp_path, progress=False)
+    assert report[0]["damaged"] == [damaged.name] and "recomputes" in report[0]["action"]
+    assert not damaged.exists()
+    c = embed_texts(enc, tmp_path)
+    assert enc.rows == 8, "only the damaged shard is encoded again"
+    np.testing.assert_array_equal(np.asarray(c.array), reference)
+    assert [r["damaged"] for r in verify_cache(tmp_path, progress=False)] == [[]]
 
 
 def test_most_of_a_part_embeds_the_whole_part_once(tmp_path, fake_encoders):

@@ -284,7 +284,56 @@ def test_block_size_must_be_a_positive_integer(block):
         ac.relative_representation(rand((2, 3), 0), rand((5, 3), 1), 2, block_size=block)
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu", "meta", "xpu", "cuda:99", "cuda:-1", ""])
 def test_unknown_device_is_one_clear_error(device):
     with pytest.raises(ac.ASIFInputError, match="device"):
         ac.pick_device(device)
+
+
+def test_anchor_faults_are_blamed_on_the_anchors_while_streaming(tmp_path, tiny):
+    """Memory-mapped anchors are checked block by block: a bad row names the anchors, never the queries."""
+    d = tiny
+    for key, other in (("anchor_images", "anchor_texts"), ("anchor_texts", "anchor_images")):
+        for value in (np.nan, 0.0):
+            bad = d[key].copy()
+            bad[60] = value
+            np.save(tmp_path / "bad.npy", bad)
+            np.save(tmp_path / "ok.npy", d[other])
+            mm, ok = np.load(tmp_path / "bad.npy", mmap_mode="r"), np.load(tmp_path / "ok.npy", mmap_mode="r")
+            model = ac.ASIF(*((mm, ok) if key == "anchor_images" else (ok, mm)), 20, 3, block_size=16)
+            with pytest.raises(ac.ASIFInputError, match=rf"^{key}: row 60 "):
+                model.similarity(d["images"], d["prompts"])
+
+
+def test_dims_that_disagree_name_both_arrays(tiny):
+    d = tiny
+    with pytest.raises(ac.ASIFInputError, match="images: has dim 11 but anchor_images has dim 12"):
+        ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"][:, :11], d["labels"], d["prompts"], 4)
+    with pytest.raises(ac.ASIFInputError, match="texts: has dim 6 but anchor_texts has dim 7"):
+        ac.ASIF(d["anchor_images"], d["anchor_texts"], 20).similarity(d["images"], d["prompts"][:, :6])
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.complex64, "U4", bool])
+def test_non_float_embeddings_are_refused_before_streaming(tmp_path, tiny, dtype):
+    d = tiny
+    np.save(tmp_path / "a.npy", d["anchor_images"].astype(dtype))
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")  # a memmap is not scanned up front: its dtype says it all
+    with pytest.raises(ac.ASIFInputError, match="anchor_images: dtype .* is not floating point"):
+        ac.sweep(mm, d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4)
+    with pytest.raises(ac.ASIFInputError, match="images: dtype .* is not floating point"):
+        ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"].astype(dtype), d["labels"], d["prompts"], 4)
+
+
+def test_big_endian_arrays_give_the_same_answer(tmp_path, tiny):
+    d = tiny
+    big = {k: d[k].astype(d[k].dtype.newbyteorder(">")) for k in ("anchor_images", "anchor_texts", "images",
+                                                                   "prompts", "labels")}
+    np.save(tmp_path / "a.npy", big["anchor_images"])
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert not mm.dtype.isnative
+    kw = dict(anchor_counts=[40, 97], exponents=[8, 1], non_zeros=20, dtype="float64", return_scores=True, block_size=16)
+    want = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4, **kw)
+    got = ac.sweep(mm, big["anchor_texts"], big["images"], big["labels"], big["prompts"], 4, **kw)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w["scores"], g["scores"])
+        assert w["acc1"] == g["acc1"]

@@ -6,6 +6,7 @@ start, never the internet.
 """
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,46 @@ def test_imagefolder_and_imagenet(tmp_path):
         D.load_dataset(f"imagefolder:{tmp_path / 'nope'}")
     with pytest.raises(DataError, match="unknown dataset"):
         D.load_dataset("mnist-but-wrong")
+
+
+def test_file_and_folder_names_that_are_not_utf8(tmp_path, fake_encoders):
+    """A Latin-1 name in an image folder: listed, hashed and cached like any other, shown as \\xNN."""
+    from asif.cache import load_eval_embeddings
+    root = tmp_path / "f"
+    make_folder(root, ["cat"], 2)
+    odd = os.fsdecode(b"caf\xe9")  # a class folder and a file whose bytes are not UTF-8
+    (root / odd).mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(root / odd / os.fsdecode(b"cr\xe8me.png"))
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(root / "cat" / os.fsdecode(b"\xff.png"))
+    ds = D.load_dataset(f"imagefolder:{root}")
+    assert ds.classnames == ["caf\\xe9", "cat"] and ds.labels.tolist() == [0, 1, 1, 1]
+    assert ds.ids[0].startswith("caf\\xe9/cr\\xe8me.png:") and all(i.encode("utf-8") for i in ds.ids)
+    img, txt = fake_encoders
+    e = load_eval_embeddings(f"imagefolder:{root}", img, txt, root=tmp_path / "cache", progress=False)
+    assert e.images.shape == (4, 13) and e.dropped == []
+    np.testing.assert_allclose(e.images[0], img.vector(root / odd / os.fsdecode(b"cr\xe8me.png")), rtol=1e-6)
+
+
+def test_torchvision_images_go_through_the_one_decoder(tmp_path):
+    """Pets opens its files with convert("RGB") (transparency onto black): its file list is used instead."""
+    rgba = np.zeros((6, 6, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent: white through the one decoder, black through convert("RGB")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "pet.png")
+
+    class Pets:  # what torchvision's OxfordIIITPet holds
+        _images = [tmp_path / "pet.png"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return Image.open(self._images[i]).convert("RGB"), 0
+    assert np.asarray(Pets()[0][0])[0, 0].tolist() == [255, 0, 0], "what torchvision itself would give"
+    assert np.asarray(load_image(D.torchvision_images(Pets())[0]))[0, 0].tolist() == [255, 255, 255]
+
+    class Cifar:
+        data = np.full((2, 4, 4, 3), 7, dtype=np.uint8)
+    assert np.asarray(D.torchvision_images(Cifar())[1])[0, 0].tolist() == [7, 7, 7]
 
 
 @needs("tuxpaint-stamps-default")

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 import skimage.data as skimage_data  # noqa: E402
 
 from asif import encoders as asif_encoders  # noqa: E402
-from asif.errors import ASIFInputError, ImageLoadError  # noqa: E402
+from asif.errors import ASIFInputError, BadImagesError  # noqa: E402
 
 CAT_CLASSES = set(range(281, 286))          # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CUP_CLASSES = {967, 968, 504}               # espresso, cup, coffee mug
@@ -128,13 +128,25 @@ def test_state_dict_mapping_fails_loudly():
         asif_encoders._map_state_dict(collections.OrderedDict(x=torch.ones(3, 2)), target, "t")
 
 
-def test_encode_names_the_first_unreadable_file(image_encoder, tmp_path, photos):
+def test_encode_names_every_unreadable_file(image_encoder, tmp_path, photos):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"this is not a jpeg")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
     good = tmp_path / "good.png"
     photos["chelsea"].save(good)
-    with pytest.raises(ImageLoadError, match="corrupt.jpg"):
-        image_encoder.encode([good, corrupt], progress=False)
+    items = [good, corrupt, good, empty, tmp_path / "missing.png", tmp_path]
+    with pytest.raises(BadImagesError) as e:
+        image_encoder.encode(items, batch_size=2, progress=False)
+    message = str(e.value)
+    assert message.startswith("4 of 6 images cannot be read: ") and "\n" not in message
+    for bad in ("corrupt.jpg (", "empty.png (", "missing.png (no such file)", f"{tmp_path} (it is a directory)"):
+        assert bad in message
+    assert [i for i, _, _ in e.value.failed] == [1, 3, 4, 5]
+    x, failed = image_encoder.encode_checked(items, batch_size=2, progress=False)
+    assert [i for i, _, _ in failed] == [1, 3, 4, 5]
+    assert not x[[1, 3, 4, 5]].any(), "unreadable images leave zero rows"
+    np.testing.assert_allclose(x[[0, 2]], image_encoder.encode([good, good], progress=False), atol=1e-6)
 
 
 def test_rgba_png_embeds_as_the_same_image_on_white(image_encoder, tmp_path):
@@ -147,6 +159,29 @@ def test_rgba_png_embeds_as_the_same_image_on_white(image_encoder, tmp_path):
     x = image_encoder.encode([tmp_path / "icon.png", (tmp_path / "icon.png").read_bytes(), on_white], progress=False)
     np.testing.assert_allclose(x[0], x[2], atol=1e-5)
     np.testing.assert_allclose(x[1], x[2], atol=1e-5)
+
+
+def test_a_query_and_a_dataset_item_embed_alike_in_every_mode(image_encoder, tmp_path):
+    """The same file through ``encode`` (embed-images, uploads) and through a dataset and the
+    cache (anchors, test sets): one vector, for transparent, palette, 16-bit and float images."""
+    from asif.cache import load_eval_embeddings
+    from conftest import FakeEncoder
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "set" / "things"
+    folder.mkdir(parents=True)
+    rgba = rng.integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(folder / "a_rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(folder / "b_grey16.png")
+    Image.fromarray(rng.random((40, 48)).astype(np.float32)).save(folder / "c_float.tif")
+    Image.fromarray(rgba[..., 0], "L").convert("P").save(folder / "d_palette.gif", transparency=3)
+    files = sorted(folder.iterdir())
+    queries = image_encoder.encode(files, progress=False)
+    e = load_eval_embeddings(f"imagefolder:{tmp_path / 'set'}", image_encoder, FakeEncoder("text"),
+                             root=tmp_path / "cache", progress=False)
+    np.testing.assert_allclose(e.images, queries, atol=1e-5)
+    assert np.abs(queries @ queries.T - np.eye(4)).max() < 0.99, "four different pictures"
+    white = image_encoder.encode([np.full((40, 48, 3), 255, dtype=np.uint8)], progress=False)[0]
+    assert (queries @ white < 0.99).all(), "no image came out as a blank page"
 
 
 def test_empty_and_bad_inputs(image_encoder, text_encoder):

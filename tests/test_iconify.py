@@ -141,3 +141,11 @@ def test_an_altered_package_fails_the_integrity_check(package, server, tmp_path)
     with pytest.raises(FetchError, match="integrity") as err:
         iconify.fetch_package()
     assert err.value.kind == "checksum" and not list((tmp_path / "cache").rglob("*.tgz"))
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x1f\x8b\x08\x00 cut short", "not json"])
+def test_a_damaged_index_is_built_again(package, tmp_path, damage):
+    index = iconify.load_index(progress=False)
+    path = next((tmp_path / "cache").rglob("index.json.gz"))
+    path.write_bytes(damage if isinstance(damage, bytes) else __import__("gzip").compress(damage.encode()))
+    assert iconify.load_index(progress=False) == index

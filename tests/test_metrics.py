@@ -14,10 +14,25 @@ def test_classification_metrics_by_hand():
     assert m["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
 
 
-@pytest.mark.parametrize("labels,match", [([0, 1], "shape"), ([0, 1, 1, 3], "values"), ([0.5, 1, 1, 2], "integer")])
+@pytest.mark.parametrize("labels,match", [
+    ([0, 1], "shape"), ([0, 1, 1, 3], "values"), ([0.5, 1, 1, 2], "integer"), ([0, 1, np.nan, 2], "integer"),
+    ([0, 1, np.inf, 2], "integer"), (["a", "b", "c", "a"], "dtype <U1 is not a number"),
+    ([b"a", b"b", b"c", b"a"], "dtype |S1 is not a number"), ([0, 1, 1e30, 2], "got 0..1e"),
+    (np.array(["2020-01-01"] * 4, dtype="datetime64[D]"), "is not a number"), ([[0], [1], [1], [2]], "shape"),
+    ([-1, 1, 1, 2], "values must lie in 0..2, got -1..2"),
+])
 def test_bad_labels_are_named(labels, match):
     with pytest.raises(ASIFInputError, match=match):
         metrics.classification_metrics(np.zeros((4, 3)), labels)
+
+
+def test_labels_in_any_byte_order_or_integer_type():
+    scores = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    want = metrics.classification_metrics(scores, [0, 1, 1, 2])
+    for labels in (np.array([0, 1, 1, 2], dtype=">i8"), np.array([0, 1, 1, 2], dtype=np.uint8),
+                   np.array([0.0, 1.0, 1.0, 2.0], dtype=">f4"), np.array([False, True, True, True])[[0, 1, 2, 1]]):
+        got = metrics.classification_metrics(scores, labels)
+        assert got == want or labels.dtype == bool
 
 
 def test_confusion_recall_and_majority_by_hand():

@@ -27,3 +27,11 @@ def test_similarity_and_class_scores_by_hand():
     np.testing.assert_allclose(reference.class_scores(a_img, a_txt, images, prompts, 2, 1, 1, "max"), [[1, 1]])
     np.testing.assert_allclose(reference.class_scores(a_img, a_txt, images, prompts, 2, 1, 1, "mean"),
                                [[np.sqrt(0.5), np.sqrt(0.5)]])
+
+
+def test_a_class_that_keeps_no_anchor_scores_zero_in_both_reductions():
+    # found by the property suite: the prompt-ensemble mean of all-zero r(t) was 0/0 = NaN here, 0 in the core
+    a_img, a_txt = np.array([[1.0]]), np.array([[1.0]])
+    images, prompts = np.array([[2.0]]), np.array([[-1.0], [3.0]])  # class 0's prompt has a negative cosine
+    for reduce in ("max", "mean"):
+        np.testing.assert_array_equal(reference.class_scores(a_img, a_txt, images, prompts, 2, 1, 1, reduce), [[0, 1]])

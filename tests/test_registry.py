@@ -106,3 +106,80 @@ def test_fetch_drive_refusal_is_reported(published, monkeypatch):
     with pytest.raises(FetchError, match="quota") as err:
         R.fetch("mine", registry=registry, root=cache, progress=False)
     assert err.value.kind == "html" and "Google Drive file 1AbCd" in str(err.value)
+
+
+def test_a_server_that_ignores_byte_ranges_gets_a_fresh_download(published, server):
+    """A partial file from a broken transfer, then a server that answers every Range with the whole
+    file: the partial file is dropped and the download starts from zero (it used to stay and fail
+    every later fetch)."""
+    registry, array, cache = published
+    server.mode = "truncate"
+    with pytest.raises(FetchError):
+        R.fetch("mine", registry=registry, root=cache, progress=False)
+    assert list((cache / "downloads").glob("*.part"))
+    server.mode = "norange"
+    server.requests.clear()
+    folder = R.fetch("mine", registry=registry, root=cache, progress=False)
+    ranges = [r for _, r in server.requests]
+    assert any(r and r != "bytes=0-" for r in ranges) and ranges[-1] in (None, "bytes=0-"), ranges
+    np.testing.assert_array_equal(np.asarray(load_embedding_set(folder / "images", verify=True).array), array)
+    assert not list((cache / "downloads").glob("*.part"))
+
+
+def _serve(published, server, payload: bytes):
+    """Serve ``payload`` under the registry entry, with its true sha256 and size."""
+    import hashlib
+    registry, _, cache = published
+    server.files["/mine.tar"] = payload
+    data = json.loads(registry.read_text())
+    data["embeddings"]["mine"].update(sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
+    registry.write_text(json.dumps(data))
+    return registry, cache
+
+
+@pytest.mark.parametrize("payload,needle", [
+    (b"just some bytes, not an archive" * 100, "not a valid tar archive"),
+    (b"\x1f\x8b\x08\x00" + b"\x00" * 400, "not a valid tar archive"),  # gzip magic, broken body
+    (None, "without any embedding set"),
+])
+def test_a_sha_valid_archive_that_is_not_a_usable_tar(published, server, payload, needle):
+    if payload is None:  # a real tar, with the wrong content
+        import io
+        import tarfile
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            ti = tarfile.TarInfo("notes.txt")
+            ti.size = 5
+            tar.addfile(ti, io.BytesIO(b"hello"))
+        payload = buf.getvalue()
+    registry, cache = _serve(published, server, payload)
+    with pytest.raises(FetchError, match=needle) as err:
+        R.fetch("mine", registry=registry, root=cache, progress=False)
+    assert err.value.kind == "archive" and "\n" not in str(err.value)
+    assert not (cache / "precomputed" / "mine").exists() and not list((cache / "precomputed").glob("*.unpacking"))
+
+
+def test_damaged_markers_and_registries(published, tmp_path):
+    registry, array, cache = published
+    folder = R.fetch("mine", registry=registry, root=cache, progress=False)
+    (folder / ".fetched.json").write_text('{"sha2')  # damaged marker: unpacked again from the checked archive
+    (folder / "images" / "embeddings-00000.npy").unlink()
+    assert R.fetch("mine", registry=registry, root=cache, progress=False) == folder
+    np.testing.assert_array_equal(np.asarray(load_embedding_set(folder / "images", verify=True).array), array)
+    for content in ("", '{"format": "asif-registry/1", "embeddings": {"mi', '["a list"]'):
+        (tmp_path / "bad.json").write_text(content)
+        with pytest.raises(DataError, match="bad.json"):
+            R.load_registry(tmp_path / "bad.json")
+
+
+def test_verify_cache_sends_a_damaged_precomputed_set_back_to_its_archive(published):
+    from asif.pipeline import verify_cache
+    from test_storage import flip_in_place
+    registry, array, cache = published
+    folder = R.fetch("mine", registry=registry, root=cache, progress=False)
+    flip_in_place(folder / "images" / "embeddings-00001.npy")
+    report = {r["folder"].name: r for r in verify_cache(cache, progress=False)}
+    assert report["images"]["damaged"] == ["embeddings-00001.npy"] and report["texts"]["damaged"] == []
+    assert "asif fetch mine" in report["images"]["action"]
+    R.fetch("mine", registry=registry, root=cache, progress=False)
+    np.testing.assert_array_equal(np.asarray(load_embedding_set(folder / "images", verify=True).array), array)
