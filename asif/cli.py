@@ -561,6 +561,14 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
         return kind, data, res["params"].get("anchor_set", ""), item[0].name
 
     loaded.sort(key=rank)
+    seen, unique = set(), []
+    for path, res in loaded:  # notebook 01 and the main job may write the same curve: report it once
+        key = (res["dataset"], res["params"].get("anchor_set"), res["params"].get("non_zeros"),
+               res["params"].get("reduce"), res["params"].get("mixing", "union"))
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, res))
+    loaded = unique
     try:
         lines = _summary_lines([res for _, res in loaded])
     except (KeyError, TypeError) as e:
