@@ -180,7 +180,9 @@ def test_setup_notebook_runs_and_its_dropdowns_save_the_choice(browser, lab):
         dataset.select_option(label=label)
         wait_for(lambda: json.loads(choice_file.read_text())["dataset"] == value, 20,
                  f"the choice file never said dataset {value}")
-        assert page.get_by_text("The cells below still show the previous choice").count() == 1
+        # the status line comes back from the kernel a moment after the file is written
+        wait_for(lambda: page.get_by_text("The cells below still show the previous choice").count() == 1, 20,
+                 "no hint that the cells below are stale")
     screenshot(page, "00_setup_changed")
     page.close()
 
