@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from asif import scoring, storage
+from asif import precision, scoring, storage
 from asif.config import progress_bar
 from asif.errors import ASIFInputError
 from asif.metrics import check_labels, classification_metrics
@@ -142,15 +142,17 @@ class Compute:
     block_size: int | None = None
     memory_budget: int | None = None
     progress: bool = False
+    first_pass: str = "fp32"   # "bf16": candidates from a bfloat16 product, then exact (asif.precision)
 
     @classmethod
     def of(cls, device="auto", dtype=None, block_size: int | None = None, memory_budget: int | None = None,
-           progress: bool = False) -> "Compute":
+           progress: bool = False, first_pass: str = "fp32") -> "Compute":
         dev = pick_device(device)
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
                                        or block_size < 1):
             raise ASIFInputError(f"block_size={block_size!r}: must be a positive integer (or None: from memory)")
-        return cls(dev, resolve_dtype(dtype, dev), block_size, memory_budget, progress)
+        dt = resolve_dtype(dtype, dev)
+        return cls(dev, dt, block_size, memory_budget, progress, precision.resolve_first_pass(first_pass, dev, dt))
 
 
 # ---------------------------------------------------------------------------
@@ -308,9 +310,14 @@ class _RunningTopK:
     when they add up to about k per row, or when an exact state is needed.
     """
 
-    def __init__(self, queries: torch.Tensor, k: int):
+    def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "fp32"):
         self.queries = queries            # [Q, d] normalised, compute dtype
         self.k = k
+        self.first_pass = first_pass
+        if first_pass == "bf16":
+            # candidates from a bfloat16 product, values recomputed exactly (asif.precision)
+            self.queries_low = queries.bfloat16()
+            self.error = precision.error_bound(queries, self.queries_low)  # [Q, 1]
         self.values = queries.new_zeros((queries.shape[0], 0))
         self.indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
         self.threshold = None             # [Q, 1] k-th value at the last merge
@@ -322,6 +329,8 @@ class _RunningTopK:
 
     def update(self, block: torch.Tensor) -> None:
         """block: [b, d] normalised anchors that follow the ones seen so far."""
+        if self.first_pass == "bf16":
+            return self._update_two_pass(block)
         q, b = self.queries.shape[0], block.shape[0]
         if self._buffer is None or self._buffer.numel() < q * b:
             self._buffer = self.queries.new_empty(q * b)
@@ -344,16 +353,57 @@ class _RunningTopK:
         else:
             flat = mask.view(-1).nonzero().squeeze(1)
         if flat.numel():
-            rows = flat // b  # row-major: grouped by row, anchor order kept within a row
-            counts = torch.bincount(rows, minlength=sims.shape[0])
-            # each entry's slot in its row's padded candidate list, after the pending ones
-            slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-            slot += self.row_fill[rows]
-            self.row_fill += counts
-            self.pending.append((rows, slot, flat % b + offset, sims.view(-1)[flat]))
-            self.n_pending += flat.numel()
-            if self.n_pending > self.k * sims.shape[0]:
-                self.merge()
+            # row-major: grouped by row, anchor order kept within a row
+            self._add_pending(flat // b, flat % b + offset, sims.view(-1)[flat])
+
+    def _add_pending(self, rows: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """Queue candidates (rows ascending, anchors ascending within a row) for the next merge."""
+        counts = torch.bincount(rows, minlength=self.values.shape[0])
+        # each entry's slot in its row's padded candidate list, after the pending ones
+        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        slot += self.row_fill[rows]
+        self.row_fill += counts
+        self.pending.append((rows, slot, idx, vals))
+        self.n_pending += rows.numel()
+        if self.n_pending > self.k * self.values.shape[0]:
+            self.merge()
+
+    def _update_two_pass(self, block: torch.Tensor) -> None:
+        """The same update from a bfloat16 product: candidates by the bound, values recomputed in float64.
+
+        See asif.precision for the bound that makes this exact.
+        """
+        q, b = self.queries.shape[0], block.shape[0]
+        if self._buffer is None or self._buffer.numel() < q * b:
+            self._buffer = self.queries_low.new_empty(q * b)
+        approx = torch.mm(self.queries_low, block.bfloat16().T, out=self._buffer[:q * b].view(q, b))  # [Q, b]
+        offset = self.seen
+        self.seen += b
+        if self.values.shape[1] < self.k:
+            # Filling: the k-th value of (held, block) is at least the k-th of
+            # (held values, the block's lower bounds); only entries whose upper
+            # bound reaches it can be in the top-k. Negatives count as 0.
+            lower, upper = precision.value_bounds(approx, self.error)
+            pool = torch.cat([self.values, lower.clamp_(min=0)], dim=1)
+            if pool.shape[1] >= self.k:
+                floor = torch.topk(pool, self.k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+                mask = upper >= floor
+            else:
+                mask = torch.ones_like(upper, dtype=torch.bool)
+            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+            rows, idx = flat // b, flat % b
+            vals = precision.exact_dots(self.queries, rows, block, idx).clamp_(min=0)
+            self._add_pending(rows, idx + offset, vals)
+            self.merge()
+            return
+        thr = precision.candidate_threshold(self.threshold, self.error)
+        flat = torch.from_numpy(np.flatnonzero((approx > thr).numpy()))
+        if flat.numel():
+            rows, idx = flat // b, flat % b
+            vals = precision.exact_dots(self.queries, rows, block, idx)
+            keep = vals > self.threshold.view(-1)[rows]  # the exact rule of the float32 path
+            if bool(keep.any()):
+                self._add_pending(rows[keep], idx[keep] + offset, vals[keep])
 
     def merge(self) -> None:
         """Fold the pending candidates into the top-k; the state is then exact."""
@@ -443,7 +493,7 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     rows = sum(j.queries.shape[0] for j in jobs)
     dim = sum(_shape(j.anchors)[1] for j in jobs)
     bs = compute.block_size or choose_block_size(rows, dim, compute.device, compute.dtype, compute.memory_budget)
-    runners = [_RunningTopK(j.queries, k) for j in jobs]
+    runners = [_RunningTopK(j.queries, k, compute.first_pass) for j in jobs]
     # The first block is scanned whole (nothing to compare with yet), so keep
     # it small; later blocks only pass on entries above the running k-th value.
     first = compute.block_size or min(bs, max(4 * k, 4096))
@@ -465,18 +515,22 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
 
 def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts: Sequence[int] | None = None,
                        block_size: int | None = None, device="auto", dtype=None,
-                       memory_budget: int | None = None, progress: bool = False) -> list[TopK]:
+                       memory_budget: int | None = None, progress: bool = False,
+                       first_pass: str = "fp32") -> list[TopK]:
     """Exact top-``non_zeros`` similarities of each query to the anchors, streamed.
 
     Args:
         queries: [Q, d]; anchors: [N, d] (array, tensor, memmap or ShardedArray).
         anchor_counts: counts to snapshot at (default [N]), each exactly as if
             only the first n anchors existed, all in one pass.
+        first_pass: "fp32" (the plain product) or "bf16": candidates from a
+            bfloat16 product, every value that enters recomputed exactly
+            (asif.precision); the same top-k as float64 rounded to float32.
     Returns:
         one TopK per count, values and indices [Q, min(k, n)].
     """
     k = _check_k(non_zeros)
-    compute = Compute.of(device, dtype, block_size, memory_budget, progress)
+    compute = Compute.of(device, dtype, block_size, memory_budget, progress, first_pass)
     check_embeddings(anchors, "anchors", full_scan=False)
     # values: when normalised
     check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")
@@ -524,7 +578,8 @@ def sharpen(top: TopK, exponent: float = 8.0) -> RelativeRepresentation:
 
 def relative_representation(queries, anchors, non_zeros: int = 800, exponent: float = 8.0, *,
                             block_size: int | None = None, device="auto", dtype=None,
-                            memory_budget: int | None = None, progress: bool = False) -> RelativeRepresentation:
+                            memory_budget: int | None = None, progress: bool = False,
+                            first_pass: str = "fp32") -> RelativeRepresentation:
     """r(x) for each query: sparse, ``non_zeros`` entries, sharpened by ``exponent``, unit norm.
 
     Args:
@@ -533,7 +588,7 @@ def relative_representation(queries, anchors, non_zeros: int = 800, exponent: fl
         RelativeRepresentation with indices and values [Q, min(non_zeros, N)].
     """
     top, = top_k_similarities(queries, anchors, non_zeros, block_size=block_size, device=device,
-                              dtype=dtype, memory_budget=memory_budget, progress=progress)
+                              dtype=dtype, memory_budget=memory_budget, progress=progress, first_pass=first_pass)
     return sharpen(top, exponent)
 
 
@@ -589,7 +644,8 @@ def classify(anchor_images, anchor_texts, images, prompts, n_classes: int, *, no
 def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, *,
           anchor_counts: Sequence[int] | None = None, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
           reduce: str = "max", block_size: int | None = None, device="auto", dtype=None,
-          memory_budget: int | None = None, progress: bool = False, return_scores: bool = False) -> list[dict]:
+          memory_budget: int | None = None, progress: bool = False, return_scores: bool = False,
+          first_pass: str = "fp32") -> list[dict]:
     """Zero-shot accuracy for every (anchor count, exponent), in one pass over the anchors.
 
     Each count n is evaluated exactly as if only the first n anchors
@@ -610,7 +666,7 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     if not ps:
         raise ASIFInputError("exponents: empty list; give at least one (the paper uses 8)")
     _check_reduce(reduce)
-    compute = Compute.of(device, dtype, block_size, memory_budget, progress)
+    compute = Compute.of(device, dtype, block_size, memory_budget, progress, first_pass)
     check_anchors(anchor_images, anchor_texts, full_scan=False)
     # values are checked (NaN, zero rows) in the same pass that normalises them
     check_embeddings(images, "images", dim=_shape(anchor_images)[1], full_scan=False, against="anchor_images")
@@ -700,14 +756,15 @@ class ASIF:
 
     def __init__(self, anchor_images, anchor_texts, non_zeros: int = 800, exponent: float = 8.0, *,
                  captions: Sequence[str] | None = None, device="auto", dtype=None,
-                 block_size: int | None = None, memory_budget: int | None = None, meta: dict | None = None):
+                 block_size: int | None = None, memory_budget: int | None = None, meta: dict | None = None,
+                 first_pass: str = "fp32"):
         check_anchors(anchor_images, anchor_texts, full_scan=_is_in_memory(anchor_images))
         self.anchor_images, self.anchor_texts = anchor_images, anchor_texts
         self.non_zeros, self.exponent = _check_k(non_zeros), _check_exponent(exponent)
         if captions is not None and len(captions) != _shape(anchor_images)[0]:
             raise ASIFInputError(f"captions: {len(captions)} for {_shape(anchor_images)[0]} anchors; give one per pair")
         self.captions = list(captions) if captions is not None else None
-        self.compute = Compute.of(device, dtype, block_size, memory_budget)
+        self.compute = Compute.of(device, dtype, block_size, memory_budget, first_pass=first_pass)
         self.meta = dict(meta or {})
 
     @property

@@ -1,13 +1,19 @@
 """Speed and memory of the ASIF core against the bare matrix products.
 
-    python benchmarks/bench_core.py                 # the issue's default shapes
+    python benchmarks/bench_core.py                  # structured synthetic data, the reference shapes
+    python benchmarks/bench_core.py --data random    # near-orthogonal random rows, for comparison
+    python benchmarks/bench_core.py --data real      # the cached default anchors and a test set
     python benchmarks/bench_core.py --memmap 2000000 # also sweep a float16 memmap of 2M anchors
 
-Prints, for synthetic normalised embeddings: the wall time of the
-accuracy-vs-anchors sweep (all counts, one pass), of one evaluation at all
-anchors, of the bare products queries @ anchors.T over all anchors (both
-modalities, same blocks), their ratios, and the peak anonymous memory above
-the inputs. The figures go to benchmarks/README.md by hand.
+Prints the wall time of the accuracy-vs-anchors sweep (all counts, one
+pass), of one evaluation at all anchors, with the float32 first pass and
+with the exact bfloat16 first pass (asif.precision), and of the bare float32
+products queries @ anchors.T over all anchors (both modalities, same
+blocks), their ratios, and the peak anonymous memory above the inputs.
+``--data structured`` is asif.synthetic.structured_coupled_data (clusters of
+Zipf sizes, a shared direction, hubs); ``random`` is the low-rank random
+data of earlier figures; ``real`` needs ``asif data build`` first. The
+figures go to benchmarks/README.md by hand.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import numpy as np
 import torch
 
 import asif_core as ac
-from asif.synthetic import synthetic_coupled_data
+from asif import precision
+from asif.synthetic import structured_coupled_data, synthetic_coupled_data
 
 
 def rss_anon() -> int:
@@ -105,16 +112,34 @@ def main():
     ap.add_argument("--memmap", type=int, default=0, help="also sweep a float16 memmap of this many anchors")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--device", default="cpu", help="cpu (the issue's figures), cuda or auto")
+    ap.add_argument("--data", choices=("structured", "random", "real"), default="structured")
+    ap.add_argument("--anchor-set", default="iconify+clipart+tuxpaint", help="with --data real")
+    ap.add_argument("--dataset", default="fashion-mnist", help="with --data real")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
     li = rng.standard_normal((32, args.image_dim)).astype(np.float32) / 4
     lt = rng.standard_normal((32, args.text_dim)).astype(np.float32) / 4
-    a_img = embeddings(args.anchors, args.image_dim, rng, li)
-    a_txt = embeddings(args.anchors, args.text_dim, rng, lt)
-    x = embeddings(args.queries, args.image_dim, rng, li)
-    prompts = embeddings(args.classes * args.templates, args.text_dim, rng, lt)
-    y = rng.integers(0, args.classes, args.queries)
+    if args.data == "random":
+        a_img = embeddings(args.anchors, args.image_dim, rng, li)
+        a_txt = embeddings(args.anchors, args.text_dim, rng, lt)
+        x = embeddings(args.queries, args.image_dim, rng, li)
+        prompts = embeddings(args.classes * args.templates, args.text_dim, rng, lt)
+        y = rng.integers(0, args.classes, args.queries)
+    elif args.data == "structured":
+        d = structured_coupled_data(args.anchors, args.queries, args.classes, args.templates, args.image_dim,
+                                    args.text_dim)
+        a_img, a_txt, x, y, prompts = (d[k] for k in ("anchor_images", "anchor_texts", "images", "labels", "prompts"))
+    else:
+        from asif import pipeline
+        prepared = pipeline.prepare(pipeline.Choice(dataset=args.dataset, anchor_set=args.anchor_set), progress=False)
+        a_img, a_txt = prepared.anchors.A_img, prepared.anchors.A_txt
+        x, y, prompts = prepared.evals.images, prepared.evals.labels, prepared.evals.prompts
+        args.classes = len(prepared.evals.classnames)
+        args.anchors, args.queries = len(a_img), len(x)
+        args.image_dim, args.text_dim = a_img.shape[1], a_txt.shape[1]
+        args.counts = [n for n in args.counts if n < args.anchors] + [args.anchors]
+        print(f"real embeddings: {args.anchor_set} ({args.anchors} pairs) against {args.dataset}")
     dev = ac.pick_device(args.device)
     dtype = ac.resolve_dtype(None, dev)
     block = ac.choose_block_size(len(x) + len(prompts), args.image_dim + args.text_dim, dev, dtype)
@@ -122,7 +147,10 @@ def main():
     print(f"torch {torch.__version__}, {where}, {dtype}; queries {x.shape}, prompts {prompts.shape}, "
           f"anchors {a_img.shape} + {a_txt.shape}; k={args.non_zeros} p={args.exponent}; block {block}")
 
-    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device=str(dev))
+    common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, device=str(dev), first_pass="fp32")
+    bf16 = dict(common, first_pass="bf16")
+    fast, why = precision.fast_bf16(dev)
+    print(f"bfloat16 first pass: {'yes' if fast else 'no'} ({why})")
     # Load the compiled sparse kernel once, outside the timings, as a long-running process has it.
     warm = synthetic_coupled_data(n_anchors=3000, n_images=20)
     ac.similarity(*(ac.relative_representation(warm[q], warm[a], 20, device="cpu")
@@ -130,6 +158,11 @@ def main():
     runs = {"bare": lambda: bare_products(x, prompts, a_img, a_txt, block, dev, dtype),
             "one": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=[args.anchors], **common),
             "sweep": lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=args.counts, **common)}
+    if fast:
+        runs["one_bf16"] = lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=[args.anchors],
+                                            return_scores=True, **bf16)
+        runs["sweep_bf16"] = lambda: ac.sweep(a_img, a_txt, x, y, prompts, args.classes, anchor_counts=args.counts,
+                                              **bf16)
     times, peaks, outs = {k: [] for k in runs}, dict.fromkeys(runs, 0), {}
     # Rounds interleave the three, so that a slow spell of a shared machine hits them alike;
     # the figures are the best of the rounds, and the per-round ratios are kept too.
@@ -139,7 +172,7 @@ def main():
                 t, outs[name] = timed(fn)
             times[name].append(t)
             peaks[name] = max(peaks[name], mem.peak)
-    t_bare, t_one, t_sweep = (min(times[k]) for k in runs)
+    t_bare, t_one, t_sweep = (min(times[k]) for k in ("bare", "one", "sweep"))
     rows_one, rows = outs["one"], outs["sweep"]
     round_ratios = [s_ / o for s_, o in zip(times["sweep"], times["one"])]
     # The last count of the sweep is the one evaluation. On a GPU, blocks of other widths may round
@@ -156,6 +189,16 @@ def main():
         "inputs_MiB": (a_img.nbytes + a_txt.nbytes + x.nbytes + prompts.nbytes) / 2**20,
         "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
     }
+    res.update(data=args.data, queries=args.queries, anchors=args.anchors, bf16_first_pass=why)
+    if fast:
+        t_one16, t_sweep16 = min(times["one_bf16"]), min(times["sweep_bf16"])
+        # Exact, so the accuracies match the float32 pass's unless a float32 rounding flips a near-tie
+        # (the bfloat16 pass rounds each similarity once, the float32 product accumulates rounding).
+        res["acc1_per_count"] = [r["acc1"] for r in rows]
+        res["acc1_per_count_bf16"] = [r["acc1"] for r in outs["sweep_bf16"]]
+        res.update(one_evaluation_bf16_s=t_one16, sweep_bf16_s=t_sweep16, one_evaluation_bf16_over_bare=t_one16 / t_bare,
+                   sweep_bf16_over_bare=t_sweep16 / t_bare, sweep_bf16_over_one_bf16=t_sweep16 / t_one16,
+                   peak_extra_memory_one_bf16_MiB=peaks["one_bf16"] / 2**20)
     if dev.type == "cuda":
         res["peak_cuda_memory_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
     print(f"bare products (all {args.anchors} anchors, both modalities): {t_bare:7.2f} s")
@@ -165,6 +208,9 @@ def main():
           f"(round by round: {', '.join(f'{r:.2f}' for r in round_ratios)})")
     print(f"peak memory above inputs ({res['inputs_MiB']:.0f} MiB): one {peaks['one'] / 2**20:.0f} MiB, "
           f"sweep {peaks['sweep'] / 2**20:.0f} MiB")
+    if fast:
+        print(f"exact, bfloat16 first pass: one evaluation {t_one16:7.2f} s   {t_one16 / t_bare:.2f}x bare; "
+              f"sweep {t_sweep16:7.2f} s   {t_sweep16 / t_bare:.2f}x bare, {t_sweep16 / t_one16:.2f}x its one evaluation")
     if dev.type == "cuda":
         print(f"peak CUDA memory: {res['peak_cuda_memory_MiB']:.0f} MiB; acc1 at all anchors: sweep "
               f"{rows[-1]['acc1']:.4f}, one evaluation {rows_one[0]['acc1']:.4f}")

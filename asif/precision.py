@@ -1,0 +1,247 @@
+"""An exact top-k from a bfloat16 first pass: the error bound, the detection, the fp64 recomputation.
+
+Cost of ASIF is the products ``queries @ anchors.T``. CPUs with AMX or
+AVX512-BF16 multiply bfloat16 matrices several times faster than float32
+ones, but a bfloat16 similarity is off by up to ~1e-2, enough to swap
+anchors near a query's k-th value. The core therefore uses the bfloat16
+product only to *find candidates*: every entry whose true similarity could
+pass the running k-th value is recomputed exactly, and only recomputed
+values enter the top-k. The result is the top-k of
+
+    v(q, a) = float32( sum_i float64(q_i) * float64(a_i) )
+
+for the float32 normalised vectors q, a: the similarity rounded once, a
+deterministic value that does not depend on block sizes or BLAS kernels.
+
+The bound (why no entry of the true top-k is missed)
+----------------------------------------------------
+Let q, a be the float32 normalised query and anchor, S = <q, a> exactly,
+q~ = bf16(q), a~ = bf16(a) (round to nearest), and S~ the value the
+bfloat16 product returns. Three errors separate S~ from S:
+
+1. input rounding. S - <q~, a~> = <q - q~, a> + <q~, a - a~>, so by
+   Cauchy-Schwarz |S - <q~, a~>| <= |dq| |a| + |q~| |da|. |dq| is measured
+   per query (in float64); for the anchors, round to nearest moves each
+   component by at most u |a_i| with u = 2^-8, so |da| <= u |a|.
+   |q|, |a| <= NORM_MAX (unit vectors normalised in float32).
+2. accumulation. The products q~_i a~_i are exact in float32 (8 + 8
+   significant bits) and summed in float32: any summation order is within
+   gamma_d * sum |q~_i a~_i| <= gamma_d |q~| |a~| of the exact sum, with
+   gamma_d = d 2^-24 / (1 - d 2^-24).
+3. output rounding. The float32 sum is rounded to bfloat16: a relative
+   error of at most 2^-8 (round to nearest); we allow 2^-7, which also
+   covers truncation. So |S~ - sum| <= c |S~| with c = 2^-7 / (1 - 2^-7).
+
+Together |S - S~| <= e_q + c |S~|, where e_q (per query, :func:`error_bound`)
+gathers 1 and 2. Hence S > t implies S~ + e_q + c |S~| > t, i.e.
+
+    S~ > (t - e_q) / (1 + c)   if t - e_q > 0,   else   S~ > (t - e_q) / (1 - c),
+
+which is :func:`candidate_threshold` (lowered by a further 1e-6 for the
+float32 arithmetic of the threshold itself). An entry kept by the exact
+rule "v > t" has v > t, so fl64(S) > t (rounding is monotone and t is a
+float32), so S > t - 1e-12: it passed the candidate test. No entry of the
+exact top-k is lost; every value that enters is recomputed; the top-k sets
+and values equal those of the float64 computation rounded to float32,
+ties included (the core breaks them by anchor index on the rounded values).
+
+:func:`fast_bf16` tells whether this machine multiplies bfloat16 fast and
+checks the bound on a probe. The first pass is opt-in (``first_pass="bf16"``):
+exact, but on the reference machine its recomputation still costs more than
+the product it saves (see :func:`resolve_first_pass`).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["U_BF16", "OUTPUT_REL", "error_bound", "candidate_threshold", "exact_dots", "fast_bf16",
+           "FIRST_PASSES", "resolve_first_pass"]
+
+U_BF16 = 2.0 ** -8                       # unit roundoff of bfloat16, round to nearest
+OUTPUT_REL = 2.0 ** -7 / (1 - 2.0 ** -7)  # output rounding, relative to |S~| (covers truncation too)
+NORM_MAX = 1 + 1e-4                       # |x| of a float32-normalised row, with room for its rounding
+MARGIN = 1e-6                             # for the float32 arithmetic of the thresholds
+FIRST_PASSES = ("fp32", "bf16")
+
+
+def _gamma(d: int) -> float:
+    """gamma_d = d u / (1 - d u), u = 2^-24: the float32 summation bound of d terms."""
+    return d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+
+
+def error_bound(queries: torch.Tensor, queries_low: torch.Tensor) -> torch.Tensor:
+    """e_q [Q, 1] float32: input rounding + accumulation bound of the bfloat16 product (module docstring).
+
+    queries: [Q, d] float32 normalised; queries_low: their bfloat16 rounding.
+    """
+    dq = torch.linalg.vector_norm(queries.double() - queries_low.double(), dim=1, keepdim=True)
+    gamma = _gamma(queries.shape[1])
+    q_low_norm = NORM_MAX + dq
+    e = dq * NORM_MAX + q_low_norm * U_BF16 * NORM_MAX + gamma * q_low_norm * NORM_MAX * (1 + U_BF16)
+    return (e + MARGIN).float()
+
+
+def candidate_threshold(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """[Q, 1]: an entry of the bfloat16 product can exceed the exact value t only if it exceeds this."""
+    s = t.double() - e.double()
+    thr = torch.where(s > 0, s / (1 + OUTPUT_REL), s / (1 - OUTPUT_REL))
+    return (thr - MARGIN).float()
+
+
+def value_bounds(approx: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds [Q, b] float32 of the exact similarities behind a bfloat16 block."""
+    a = approx.float()
+    spread = e + OUTPUT_REL * a.abs() + MARGIN
+    return a - spread, a + spread
+
+
+# ---------------------------------------------------------------------------
+# the exact recomputation
+# ---------------------------------------------------------------------------
+
+_DOTS = None
+
+
+def _dots_kernel(q, rows, a, cols, out):  # pragma: no cover (compiled)
+    # Eight partial sums in a fixed order: one chain of dependent float64 adds
+    # would wait on the adder's latency at every term (~1 us for d = 768).
+    d = q.shape[1]
+    d8 = d - d % 8
+    for i in prange(rows.shape[0]):
+        r, c = rows[i], cols[i]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        for t in range(0, d8, 8):
+            s0 += np.float64(q[r, t]) * np.float64(a[c, t])
+            s1 += np.float64(q[r, t + 1]) * np.float64(a[c, t + 1])
+            s2 += np.float64(q[r, t + 2]) * np.float64(a[c, t + 2])
+            s3 += np.float64(q[r, t + 3]) * np.float64(a[c, t + 3])
+            s4 += np.float64(q[r, t + 4]) * np.float64(a[c, t + 4])
+            s5 += np.float64(q[r, t + 5]) * np.float64(a[c, t + 5])
+            s6 += np.float64(q[r, t + 6]) * np.float64(a[c, t + 6])
+            s7 += np.float64(q[r, t + 7]) * np.float64(a[c, t + 7])
+        for t in range(d8, d):
+            s0 += np.float64(q[r, t]) * np.float64(a[c, t])
+        out[i] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+prange = range  # numba.prange once numba is imported
+
+
+def exact_dots(queries: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """float32 [n]: v = float32(<queries[rows[i]], anchors[cols[i]]> in float64), for each candidate i.
+
+    One summation order for every pair, whatever block the anchor came in:
+    the same pair always gets the same value.
+    """
+    global _DOTS
+    q, a = queries.contiguous().numpy(), anchors.contiguous().numpy()
+    r, c = rows.numpy(), cols.numpy()
+    out = np.empty(len(r), dtype=np.float64)
+    if _DOTS is None:
+        try:
+            import numba
+            globals()["prange"] = numba.prange
+            _DOTS = numba.njit(parallel=True, cache=True, nogil=True)(_dots_kernel)
+        except ImportError:
+            _DOTS = False
+    if _DOTS and len(r):
+        _DOTS(q, r, a, c, out)
+    elif len(r):
+        # without numba: the same float64 sums, in chunks that bound the temporaries
+        for s in range(0, len(r), 65536):
+            e = s + 65536
+            out[s:e] = np.einsum("ij,ij->i", q[r[s:e]].astype(np.float64), a[c[s:e]].astype(np.float64))
+    return torch.from_numpy(out.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------
+# detection: is a bfloat16 product here both fast and as accurate as the bound says?
+# ---------------------------------------------------------------------------
+
+_FAST = {}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """(usable, why): whether a bfloat16 first pass pays off on this device, detected once per process.
+
+    On the CPU: the instruction set must have bfloat16 dot products
+    (AMX-BF16 or AVX512-BF16, where /proc/cpuinfo tells), a timed probe
+    must show the bfloat16 product at least 1.5x faster than float32, and
+    the bound of the module docstring must hold on the probe's values.
+    ``ASIF_FIRST_PASS=fp32`` in the environment turns it off.
+    """
+    device = torch.device(device)
+    key = str(device)
+    if key in _FAST:
+        return _FAST[key]
+    if os.environ.get("ASIF_FIRST_PASS", "").lower() == "fp32":
+        _FAST[key] = (False, "ASIF_FIRST_PASS=fp32")
+        return _FAST[key]
+    if device.type != "cpu":
+        _FAST[key] = (False, f"the exact bfloat16 first pass is implemented for the CPU; {device.type} uses its dtype")
+        return _FAST[key]
+    flags = _cpu_flags()
+    if flags and not ({"amx_bf16", "avx512_bf16"} & flags):
+        _FAST[key] = (False, "this CPU has no bfloat16 dot-product instructions (amx_bf16, avx512_bf16)")
+        return _FAST[key]
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(512, 768, generator=g) + 0.5, dim=1)
+    a = torch.nn.functional.normalize(torch.randn(8192, 768, generator=g) + 0.5, dim=1)
+    ql, al = q.bfloat16(), a.bfloat16()
+
+    def best(f):
+        f()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t32, t16 = best(lambda: q @ a.T), best(lambda: ql @ al.T)
+    approx = ql @ al.T
+    exact = q.double() @ a.double().T
+    slack = error_bound(q, ql).double() + OUTPUT_REL * approx.double().abs()
+    if bool(((approx.double() - exact).abs() > slack).any()):
+        _FAST[key] = (False, "the bfloat16 product here is less accurate than the bound assumes")
+    elif t32 < 1.5 * t16:
+        _FAST[key] = (False, f"bfloat16 products are not faster here ({t32 / t16:.1f}x float32)")
+    else:
+        _FAST[key] = (True, f"bfloat16 products {t32 / t16:.1f}x faster than float32")
+    return _FAST[key]
+
+
+def resolve_first_pass(first_pass: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Check a ``first_pass`` choice: "fp32" (the plain product, the default) or "bf16".
+
+    "bf16" is exact (module docstring) but is not yet faster on the
+    reference machine: the float64 recomputation gathers one query and one
+    anchor row per candidate, ~0.4-1 us each, and a stream over 200k anchors
+    recomputes ~4,000 candidates per query (benchmarks/README.md). It is a
+    float32 computation on the CPU only.
+    """
+    from asif.errors import ASIFInputError
+    if first_pass not in FIRST_PASSES:
+        raise ASIFInputError(f"first_pass={first_pass!r}: use one of {', '.join(FIRST_PASSES)}")
+    if first_pass == "bf16":
+        if dtype != torch.float32:
+            raise ASIFInputError(f"first_pass='bf16' recomputes candidates against float32 values; "
+                                 f"dtype is {dtype} (use float32, or first_pass='fp32')")
+        if device.type != "cpu":
+            raise ASIFInputError("first_pass='bf16' is implemented for the CPU; on a GPU use dtype float16")
+    return first_pass

@@ -1,0 +1,160 @@
+"""asif.precision and the core's bfloat16 first pass: exact top-k against a float64 brute force."""
+import numpy as np
+import pytest
+import torch
+
+import asif_core as ac
+from asif import precision
+from asif.errors import ASIFInputError
+from asif.synthetic import structured_coupled_data
+
+
+def normalised(x):
+    """The float32 unit rows the core computes on (the same normalisation code)."""
+    return ac._normalized_block(x, ac.Compute.of("cpu"), "x", 0)
+
+
+def reference_top_k(queries, anchors, k):
+    """Brute force: float64 dot products of the float32 unit rows, rounded once to float32, negatives as 0,
+    the k largest with ties to the lower anchor index. Returns (indices, values) [Q, k]."""
+    v = (normalised(queries).double() @ normalised(anchors).double().T).float().clamp(min=0).numpy()
+    idx = np.argsort(-v, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(v, idx, 1)
+
+
+def assert_same_top_k(top, ref_idx, ref_val):
+    got_i, got_v = top.indices.numpy(), top.values.numpy()
+    for r in range(len(ref_idx)):
+        # entries of value 0 are interchangeable (they add nothing to r(x)): compare the positive ones
+        want = {(int(i), float(v)) for i, v in zip(ref_idx[r], ref_val[r]) if v > 0}
+        got = {(int(i), float(v)) for i, v in zip(got_i[r], got_v[r]) if v > 0}
+        assert got == want, f"row {r}: {len(got ^ want)} entries differ"
+
+
+def near_tie_data(seed=0, n=3000, d=48):
+    """Anchors that crowd each query's k-th value: exact duplicates (ties) and copies moved by ~1 ulp."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((40, d)).astype(np.float32)
+    anchors = np.repeat(base, n // 40, axis=0)
+    jitter = rng.integers(-2, 3, anchors.shape).astype(np.float32)
+    anchors = np.nextafter(anchors, anchors + jitter)  # some rows untouched (ties), most a few ulps apart
+    anchors[::7] = anchors[::7][:, ::-1]  # and some rows far from the crowd
+    rng.shuffle(anchors)
+    queries = base[:12] + 0.05 * rng.standard_normal((12, d)).astype(np.float32)
+    return queries, anchors
+
+
+@pytest.mark.parametrize("block_size", [None, 257, 1000])
+def test_bf16_first_pass_equals_float64_reference(block_size):
+    d = structured_coupled_data(n_anchors=6000, n_images=60, n_classes=6, n_templates=2, image_dim=96,
+                                text_dim=40, n_clusters=120)
+    for q, a in ((d["images"], d["anchor_images"]), (d["prompts"], d["anchor_texts"])):
+        top, = ac.top_k_similarities(q, a, 150, first_pass="bf16", block_size=block_size, device="cpu")
+        assert_same_top_k(top, *reference_top_k(q, a, 150))
+
+
+@pytest.mark.parametrize("k", [1, 37, 200])
+def test_bf16_first_pass_on_ties_and_near_ties(k):
+    q, a = near_tie_data()
+    ref = reference_top_k(q, a, k)
+    # the data is adversarial: a bfloat16 product alone picks other anchors
+    approx = (normalised(q).bfloat16() @ normalised(a).bfloat16().T).float().numpy()
+    approx_idx = np.argsort(-approx, axis=1, kind="stable")[:, :k]
+    assert any(set(x) != set(y) for x, y in zip(approx_idx, ref[0]))
+    for bs in (None, 100):
+        top, = ac.top_k_similarities(q, a, k, first_pass="bf16", block_size=bs, device="cpu")
+        assert_same_top_k(top, *ref)
+
+
+def test_a_bound_too_small_is_caught(monkeypatch):
+    """The near-tie test bites: with a tenth of the proven bound, entries of the top-k are lost."""
+    q, a = near_tie_data(seed=1)
+    ref = reference_top_k(q, a, 37)
+    proven = precision.error_bound
+    monkeypatch.setattr(precision, "error_bound", lambda x, y: proven(x, y) * 0.1)
+    monkeypatch.setattr(precision, "OUTPUT_REL", 0.0)
+    top, = ac.top_k_similarities(q, a, 37, first_pass="bf16", block_size=100, device="cpu")
+    with pytest.raises(AssertionError):
+        assert_same_top_k(top, *ref)
+
+
+def test_the_bound_holds_on_the_products_of_this_machine():
+    g = torch.Generator().manual_seed(3)
+    for shift in (0.0, 0.7):  # centred rows, and anisotropic ones (large positive cosines)
+        q = torch.nn.functional.normalize(torch.randn(300, 512, generator=g) + shift, dim=1)
+        a = torch.nn.functional.normalize(torch.randn(4000, 512, generator=g) + shift, dim=1)
+        ql = q.bfloat16()
+        approx = (ql @ a.bfloat16().T).double()
+        exact = q.double() @ a.double().T
+        slack = precision.error_bound(q, ql).double() + precision.OUTPUT_REL * approx.abs()
+        err = (approx - exact).abs()
+        assert bool((err <= slack).all())
+        assert float((err / slack).max()) > 0.05  # and it is not vacuous
+
+
+def test_candidate_threshold_keeps_every_entry_that_can_pass():
+    t = torch.tensor([[0.5], [0.004], [-0.2]])
+    e = torch.full((3, 1), 0.01)
+    thr = precision.candidate_threshold(t, e)
+    # S~ at the threshold, plus its largest possible error, must reach t
+    for s_tilde, tt, ee in zip(thr.view(-1).tolist(), t.view(-1).tolist(), e.view(-1).tolist()):
+        assert s_tilde + ee + precision.OUTPUT_REL * abs(s_tilde) <= tt + 1e-9
+        s_up = np.nextafter(np.float32(s_tilde), np.float32(1))
+        assert s_up + ee + precision.OUTPUT_REL * abs(s_up) > tt - 2e-6
+
+
+def test_exact_dots_match_float64_and_fallback(monkeypatch):
+    rng = np.random.default_rng(0)
+    q = torch.from_numpy(rng.standard_normal((20, 37)).astype(np.float32))
+    a = torch.from_numpy(rng.standard_normal((50, 37)).astype(np.float32))
+    rows, cols = torch.from_numpy(rng.integers(0, 20, 300)), torch.from_numpy(rng.integers(0, 50, 300))
+    want = (q.double()[rows] * a.double()[cols]).sum(1).float()
+    got = precision.exact_dots(q, rows, a, cols)
+    assert torch.equal(got, want)
+    monkeypatch.setattr(precision, "_DOTS", False)  # no numba: the einsum path
+    assert torch.equal(precision.exact_dots(q, rows, a, cols), want)
+
+
+def test_sweep_with_bf16_first_pass_matches_float32():
+    d = structured_coupled_data(n_anchors=5000, n_images=80, n_classes=5, n_templates=3, image_dim=64,
+                                text_dim=32, n_clusters=60)
+    args = (d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 5)
+    kw = dict(anchor_counts=[500, 2000, 5000], exponents=[8, 1], non_zeros=100, device="cpu", return_scores=True)
+    fast, plain = ac.sweep(*args, first_pass="bf16", **kw), ac.sweep(*args, **kw)
+    for f, p in zip(fast, plain):
+        assert f["n_anchors"] == p["n_anchors"] and f["acc1"] == p["acc1"]
+        np.testing.assert_allclose(f["scores"], p["scores"], atol=1e-5)
+
+
+def test_model_takes_the_first_pass():
+    d = structured_coupled_data(n_anchors=3000, n_images=30, n_classes=3, n_templates=2, image_dim=32,
+                                text_dim=16, n_clusters=30)
+    m = ac.ASIF(d["anchor_images"], d["anchor_texts"], non_zeros=50, device="cpu", first_pass="bf16")
+    ref = ac.ASIF(d["anchor_images"], d["anchor_texts"], non_zeros=50, device="cpu")
+    np.testing.assert_allclose(m.similarity(d["images"], d["prompts"]), ref.similarity(d["images"], d["prompts"]),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(first_pass="fp16"), "first_pass='fp16'"),
+    (dict(first_pass="bf16", dtype="float64"), "float32"),
+])
+def test_first_pass_errors_say_what_to_do(kw, words):
+    d = structured_coupled_data(n_anchors=200, n_images=5, n_classes=2, n_templates=1, image_dim=8, text_dim=8,
+                                n_clusters=4)
+    with pytest.raises(ASIFInputError, match=words):
+        ac.top_k_similarities(d["images"], d["anchor_images"], 5, device="cpu", **kw)
+
+
+def test_structured_data_has_hubs_and_a_shared_direction():
+    d = structured_coupled_data(n_anchors=8000, n_images=200, n_classes=10, n_templates=2, image_dim=64,
+                                text_dim=32, n_clusters=200)
+    s = d["images"] @ d["anchor_images"].T
+    assert 0.1 < s.mean() < 0.4  # anisotropic, unlike random unit vectors (mean ~0)
+    top = np.argsort(-s, axis=1)[:, :40]
+    in_degree = np.bincount(top.ravel(), minlength=8000)
+    assert in_degree.max() > 10 * in_degree[in_degree > 0].mean()  # hubs: some anchors in many top-k lists
+    # coupled: class c's images and prompts come from the same cluster, so ASIF classifies above chance
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 10,
+                    non_zeros=100, device="cpu")
+    assert rows[0]["acc1"] > 0.3
