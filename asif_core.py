@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from asif import precision, scoring, storage
+from asif import precision, scoring, selection, storage
 from asif.config import progress_bar
 from asif.errors import ASIFInputError
 from asif.metrics import check_labels, classification_metrics
@@ -213,11 +213,14 @@ def check_anchors(anchor_images, anchor_texts, full_scan: bool = True) -> None:
                              f"row i of both must come from the same image-caption pair")
 
 
-def _normalized_block(raw, compute: Compute, name: str, offset: int) -> torch.Tensor:
+def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (a block of anchors, or the queries) as a normalised tensor; the row norms double as the check.
 
     A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
     one pass finds both without a separate scan of the (maybe huge) anchors.
+    ``out``: a flat CPU buffer of the compute dtype to write the rows into
+    (the stream reuses one: a fresh block-sized tensor costs its page faults
+    every block, ~20% of the stream on the CPU).
     """
     if isinstance(raw, np.ndarray) and not raw.dtype.isnative:  # a .npy saved big-endian: torch reads native only
         raw = raw.astype(raw.dtype.newbyteorder("="))
@@ -232,6 +235,8 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int) -> torch.Te
     if bool(bad.any()):
         _check_values(raw, name, offset)  # names the row and the fault
         raise ASIFInputError(f"{name}: a row near {offset} has values too large to normalise; rescale the embeddings")
+    if out is not None and t.dtype == compute.dtype and t.device.type == "cpu" and out.numel() >= t.numel():
+        return torch.div(t, norms, out=out[:t.numel()].view(t.shape))
     return (t / norms).to(compute.dtype)
 
 
@@ -298,47 +303,71 @@ class TopK:
     n_anchors: int
 
 
+COMPILED_SELECTION = True  # False: the torch selection of the GPU, also on the CPU (tests)
+
+
 class _RunningTopK:
     """Top-k of one query matrix over anchors that arrive in blocks, in order.
 
     The cost that matters is the matrix product; selection must stay small
     beside it. Once k anchors are held, only block entries above a row's
     k-th value can enter (a later anchor that ties loses to the earlier
-    one), and after a few blocks those are a handful per row. They are
-    collected block after block against that threshold (it only rises, so a
-    stale one lets through more, never too few) and merged into the top-k
-    when they add up to about k per row, or when an exact state is needed.
+    one), and after a few blocks those are a handful per row.
+
+    On the CPU a compiled kernel (asif.selection) reads each block of
+    similarities once, rows in parallel, keeping per row a buffer in anchor
+    order that it compacts to the k best when full. With ``first_pass="bf16"``
+    the block is a bfloat16 product and only its candidates are recomputed
+    exactly (asif.precision). On a GPU, entries above the threshold are
+    collected block after block (it only rises, so a stale one lets through
+    more, never too few) and merged into the top-k when they add up to about
+    k per row, or when an exact state is needed.
     """
 
     def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "fp32"):
         self.queries = queries            # [Q, d] normalised, compute dtype
         self.k = k
         self.first_pass = first_pass
-        if first_pass == "bf16":
-            # candidates from a bfloat16 product, values recomputed exactly (asif.precision)
-            self.queries_low = queries.bfloat16()
-            self.error = precision.error_bound(queries, self.queries_low)  # [Q, 1]
+        self.seen = 0
+        self._buffer = None
+        self.compiled = queries.device.type == "cpu" and COMPILED_SELECTION and selection.available()
+        if first_pass == "bf16" and not self.compiled:
+            raise ASIFInputError("first_pass='bf16' needs the compiled selection on the CPU (numba); use 'fp32'")
+        if self.compiled:
+            self.rows = selection.RowBuffers(queries.shape[0], k, queries.numpy().dtype)
+            if first_pass == "bf16":
+                self.queries_low = queries.bfloat16()
+                self.error = precision.error_bound(queries, self.queries_low).view(-1).double().numpy()
+            return
         self.values = queries.new_zeros((queries.shape[0], 0))
         self.indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
         self.threshold = None             # [Q, 1] k-th value at the last merge
         self.pending = []                 # [(rows, slots, anchor indices, values)] above threshold
         self.n_pending = 0
         self.row_fill = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
-        self._buffer = None
-        self.seen = 0
+
+    def _product(self, queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """queries @ block.T [Q, b] into one reused buffer: a fresh multi-100 MB tensor
+        per block costs its page faults again every time (~10% of the product)."""
+        q, b = queries.shape[0], block.shape[0]
+        if self._buffer is None or self._buffer.dtype != queries.dtype or self._buffer.numel() < q * b:
+            self._buffer = queries.new_empty(q * b)
+        return torch.mm(queries, block.T, out=self._buffer[:q * b].view(q, b))  # the expensive step
 
     def update(self, block: torch.Tensor) -> None:
         """block: [b, d] normalised anchors that follow the ones seen so far."""
-        if self.first_pass == "bf16":
-            return self._update_two_pass(block)
-        q, b = self.queries.shape[0], block.shape[0]
-        if self._buffer is None or self._buffer.numel() < q * b:
-            self._buffer = self.queries.new_empty(q * b)
-        # The product goes into one reused buffer: a fresh multi-100 MB tensor
-        # per block costs its page faults again every time (~10% of the product).
-        sims = torch.mm(self.queries, block.T, out=self._buffer[:q * b].view(q, b))  # [Q, b], the expensive step
         offset = self.seen
-        self.seen += b
+        self.seen += block.shape[0]
+        if self.compiled:
+            if self.first_pass == "bf16":
+                approx = self._product(self.queries_low, block.bfloat16())
+                self.rows.absorb_bf16(approx.view(torch.int16).numpy(), self.queries.numpy(),
+                                      block.contiguous().numpy(), self.error, offset)
+            else:
+                self.rows.absorb(self._product(self.queries, block).numpy(), offset)
+            return
+        sims = self._product(self.queries, block)
+        b = block.shape[0]
         if self.values.shape[1] < self.k:
             # Still filling: every anchor is a candidate (negatives count as 0).
             sims.clamp_(min=0)
@@ -346,64 +375,18 @@ class _RunningTopK:
             cand_i = torch.cat([self.indices, torch.arange(offset, offset + b, device=sims.device).expand(sims.shape[0], b)], dim=1)
             self._select(cand_v, cand_i)
             return
-        mask = sims > self.threshold
-        if sims.device.type == "cpu":
-            # numpy finds the few set entries of a large mask several times faster than torch
-            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
-        else:
-            flat = mask.view(-1).nonzero().squeeze(1)
+        flat = (sims > self.threshold).view(-1).nonzero().squeeze(1)
         if flat.numel():
-            # row-major: grouped by row, anchor order kept within a row
-            self._add_pending(flat // b, flat % b + offset, sims.view(-1)[flat])
-
-    def _add_pending(self, rows: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
-        """Queue candidates (rows ascending, anchors ascending within a row) for the next merge."""
-        counts = torch.bincount(rows, minlength=self.values.shape[0])
-        # each entry's slot in its row's padded candidate list, after the pending ones
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        slot += self.row_fill[rows]
-        self.row_fill += counts
-        self.pending.append((rows, slot, idx, vals))
-        self.n_pending += rows.numel()
-        if self.n_pending > self.k * self.values.shape[0]:
-            self.merge()
-
-    def _update_two_pass(self, block: torch.Tensor) -> None:
-        """The same update from a bfloat16 product: candidates by the bound, values recomputed in float64.
-
-        See asif.precision for the bound that makes this exact.
-        """
-        q, b = self.queries.shape[0], block.shape[0]
-        if self._buffer is None or self._buffer.numel() < q * b:
-            self._buffer = self.queries_low.new_empty(q * b)
-        approx = torch.mm(self.queries_low, block.bfloat16().T, out=self._buffer[:q * b].view(q, b))  # [Q, b]
-        offset = self.seen
-        self.seen += b
-        if self.values.shape[1] < self.k:
-            # Filling: the k-th value of (held, block) is at least the k-th of
-            # (held values, the block's lower bounds); only entries whose upper
-            # bound reaches it can be in the top-k. Negatives count as 0.
-            lower, upper = precision.value_bounds(approx, self.error)
-            pool = torch.cat([self.values, lower.clamp_(min=0)], dim=1)
-            if pool.shape[1] >= self.k:
-                floor = torch.topk(pool, self.k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-                mask = upper >= floor
-            else:
-                mask = torch.ones_like(upper, dtype=torch.bool)
-            flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
-            rows, idx = flat // b, flat % b
-            vals = precision.exact_dots(self.queries, rows, block, idx).clamp_(min=0)
-            self._add_pending(rows, idx + offset, vals)
-            self.merge()
-            return
-        thr = precision.candidate_threshold(self.threshold, self.error)
-        flat = torch.from_numpy(np.flatnonzero((approx > thr).numpy()))
-        if flat.numel():
-            rows, idx = flat // b, flat % b
-            vals = precision.exact_dots(self.queries, rows, block, idx)
-            keep = vals > self.threshold.view(-1)[rows]  # the exact rule of the float32 path
-            if bool(keep.any()):
-                self._add_pending(rows[keep], idx[keep] + offset, vals[keep])
+            rows = flat // b  # row-major: grouped by row, anchor order kept within a row
+            counts = torch.bincount(rows, minlength=sims.shape[0])
+            # each entry's slot in its row's padded candidate list, after the pending ones
+            slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+            slot += self.row_fill[rows]
+            self.row_fill += counts
+            self.pending.append((rows, slot, flat % b + offset, sims.view(-1)[flat]))
+            self.n_pending += flat.numel()
+            if self.n_pending > self.k * sims.shape[0]:
+                self.merge()
 
     def merge(self) -> None:
         """Fold the pending candidates into the top-k; the state is then exact."""
@@ -451,6 +434,9 @@ class _RunningTopK:
             self.threshold = self.values.min(dim=1, keepdim=True).values
 
     def snapshot(self) -> TopK:
+        if self.compiled:
+            v, i = self.rows.top()
+            return TopK(torch.from_numpy(v), torch.from_numpy(i), self.seen)
         self.merge()
         v = self.values if self.values.dtype == torch.float64 else self.values.float()
         return TopK(v.clone(), self.indices.clone(), self.seen)
@@ -473,6 +459,8 @@ def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size:
     once, never whole.
     """
     start = 0
+    # one buffer for every block: each is consumed before the next is made
+    buf = torch.empty(block_size * _shape(anchors)[1], dtype=compute.dtype) if compute.device.type == "cpu" else None
     for stop in counts:
         while start < stop:
             # Blocks grow from first_block to block_size, each at most as large
@@ -480,7 +468,7 @@ def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size:
             # through, so the block it filters is kept small.
             size = block_size if not first_block else min(block_size, max(first_block, start))
             end = min(stop, start + size)
-            yield end, _normalized_block(anchors[start:end], compute, name, start)
+            yield end, _normalized_block(anchors[start:end], compute, name, start, out=buf)
             start = end
 
 
@@ -497,6 +485,8 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     # The first block is scanned whole (nothing to compare with yet), so keep
     # it small; later blocks only pass on entries above the running k-th value.
     first = compute.block_size or min(bs, max(4 * k, 4096))
+    if compute.first_pass == "bf16" and not compute.block_size:
+        bs = first = precision.BLOCK  # the recomputation reads the block's rows: keep them in cache
     streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first) for j in jobs]
     out = [[] for _ in runners]
     pending = list(counts)

@@ -178,7 +178,7 @@ def cmd_sweep(args) -> int:
     try:
         rows = ac.sweep(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
                         non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
-                        block_size=args.block_size, progress=not args.quiet)
+                        block_size=args.block_size, progress=not args.quiet, first_pass=args.first_pass)
     except ASIFInputError as e:
         raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "labels", "prompts")) from None
     wall = time.perf_counter() - start
@@ -189,6 +189,7 @@ def cmd_sweep(args) -> int:
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
                   "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
+                  "first_pass": args.first_pass,
                   "chance": 1 / args.n_classes, "majority_class_rate": majority_class_rate(y),
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
         atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
@@ -206,7 +207,7 @@ def cmd_similarity(args) -> int:
         _check_out(args.out, "--out", 4 * x.shape[0] * t.shape[0] + 128)
     try:
         model = ac.ASIF(ai, at, non_zeros=args.non_zeros, exponent=args.exponent, device=args.device,
-                        dtype=args.dtype, block_size=args.block_size)
+                        dtype=args.dtype, block_size=args.block_size, first_pass=args.first_pass)
         s = model.similarity(x, t)
     except ASIFInputError as e:
         raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "texts")) from None
@@ -222,6 +223,9 @@ def _add_stream_options(p) -> None:
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16, float64")
     p.add_argument("--block-size", type=positive_int, default=None, help="anchors per block (default: from free memory)")
+    p.add_argument("--first-pass", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: plain products (default); bf16: candidates from bfloat16 products on the CPU, "
+                        "every kept value recomputed exactly (same top-k as float64 rounded to float32)")
 
 
 def _add_core_commands(sub) -> None:

@@ -66,6 +66,9 @@ OUTPUT_REL = 2.0 ** -7 / (1 - 2.0 ** -7)  # output rounding, relative to |S~| (c
 NORM_MAX = 1 + 1e-4                       # |x| of a float32-normalised row, with room for its rounding
 MARGIN = 1e-6                             # for the float32 arithmetic of the thresholds
 FIRST_PASSES = ("fp32", "bf16")
+# Anchors per block of the bfloat16 pass: ~1-3 MB of float32 rows, within a core's L2 cache,
+# where the recomputation reads them (a 32k block from RAM costs ~3x more per candidate).
+BLOCK = 512
 
 
 def _gamma(d: int) -> float:
@@ -92,64 +95,58 @@ def candidate_threshold(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return (thr - MARGIN).float()
 
 
-def value_bounds(approx: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds [Q, b] float32 of the exact similarities behind a bfloat16 block."""
-    a = approx.float()
-    spread = e + OUTPUT_REL * a.abs() + MARGIN
-    return a - spread, a + spread
-
-
 # ---------------------------------------------------------------------------
 # the exact recomputation
 # ---------------------------------------------------------------------------
 
-_DOTS = None
+_KERNELS = None  # (dots,) compiled, or False without numba
+
+
+def _dot(qr, ar):  # pragma: no cover (compiled; fastmath lets LLVM split the sum into SIMD lanes)
+    s = 0.0
+    for t in range(qr.shape[0]):
+        s += np.float64(qr[t]) * np.float64(ar[t])
+    return s
 
 
 def _dots_kernel(q, rows, a, cols, out):  # pragma: no cover (compiled)
-    # Eight partial sums in a fixed order: one chain of dependent float64 adds
-    # would wait on the adder's latency at every term (~1 us for d = 768).
-    d = q.shape[1]
-    d8 = d - d % 8
     for i in prange(rows.shape[0]):
-        r, c = rows[i], cols[i]
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-        for t in range(0, d8, 8):
-            s0 += np.float64(q[r, t]) * np.float64(a[c, t])
-            s1 += np.float64(q[r, t + 1]) * np.float64(a[c, t + 1])
-            s2 += np.float64(q[r, t + 2]) * np.float64(a[c, t + 2])
-            s3 += np.float64(q[r, t + 3]) * np.float64(a[c, t + 3])
-            s4 += np.float64(q[r, t + 4]) * np.float64(a[c, t + 4])
-            s5 += np.float64(q[r, t + 5]) * np.float64(a[c, t + 5])
-            s6 += np.float64(q[r, t + 6]) * np.float64(a[c, t + 6])
-            s7 += np.float64(q[r, t + 7]) * np.float64(a[c, t + 7])
-        for t in range(d8, d):
-            s0 += np.float64(q[r, t]) * np.float64(a[c, t])
-        out[i] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+        out[i] = dot(q[rows[i]], a[cols[i]])
 
 
 prange = range  # numba.prange once numba is imported
+dot = _dot      # its compiled form once numba is imported
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS = False
+            return _KERNELS
+        globals()["prange"] = numba.prange
+        # One compiled dot for every pair, in both kernels: the same sum order
+        # for a pair whichever block or kernel recomputes it.
+        globals()["dot"] = numba.njit(cache=True, nogil=True, fastmath=True, inline="always")(_dot)
+        _KERNELS = (numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_dots_kernel),)
+    return _KERNELS
 
 
 def exact_dots(queries: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """float32 [n]: v = float32(<queries[rows[i]], anchors[cols[i]]> in float64), for each candidate i.
 
     One summation order for every pair, whatever block the anchor came in:
-    the same pair always gets the same value.
+    the same pair always gets the same value: the compiled running top-k
+    (asif.selection) recomputes candidates with this same ``dot``.
     """
-    global _DOTS
     q, a = queries.contiguous().numpy(), anchors.contiguous().numpy()
     r, c = rows.numpy(), cols.numpy()
     out = np.empty(len(r), dtype=np.float64)
-    if _DOTS is None:
-        try:
-            import numba
-            globals()["prange"] = numba.prange
-            _DOTS = numba.njit(parallel=True, cache=True, nogil=True)(_dots_kernel)
-        except ImportError:
-            _DOTS = False
-    if _DOTS and len(r):
-        _DOTS(q, r, a, c, out)
+    kernels = _kernels()
+    if kernels and len(r):
+        kernels[0](q, r, a, c, out)
     elif len(r):
         # without numba: the same float64 sums, in chunks that bound the temporaries
         for s in range(0, len(r), 65536):

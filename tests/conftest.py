@@ -229,3 +229,11 @@ def full_disk(monkeypatch):
         monkeypatch.setattr(storage.os, "fdopen", lambda fd, *a, **k: _FullFile(real(fd, *a, **k), room))
         monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - room, room))
     return fill
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def selection_way(request, monkeypatch):
+    """The running top-k two ways on the CPU: the compiled kernel, and the torch selection a GPU uses."""
+    import asif_core
+    monkeypatch.setattr(asif_core, "COMPILED_SELECTION", request.param == "compiled")
+    return request.param

@@ -73,6 +73,24 @@ def test_sweep_writes_clip_benchmark_json(files, capsys):
     assert "acc1" in printed and "mean_per_class_recall" in printed
 
 
+def test_sweep_first_pass_bf16_gives_the_same_curve(files):
+    d, p, tmp = files
+    plain, fast = tmp / "plain.json", tmp / "fast.json"
+    assert cli.main(sweep_args(p, plain)) == 0
+    assert cli.main(sweep_args(p, fast, **{"--first-pass": "bf16", "--device": "cpu"})) == 0
+    a, b = (json.loads(f.read_text()) for f in (plain, fast))
+    assert b["params"]["first_pass"] == "bf16" and a["params"]["first_pass"] == "fp32"
+    assert [r["metrics"] for r in a["results"]] == [r["metrics"] for r in b["results"]]
+
+
+def test_sweep_first_pass_bf16_with_float64_is_one_line(files, capsys):
+    d, p, tmp = files
+    assert cli.main(sweep_args(p, tmp / "x.json", **{"--first-pass": "bf16", "--dtype": "float64"})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float32" in err[0] and "Traceback" not in err[0]
+    assert not (tmp / "x.json").exists()
+
+
 def test_similarity_command(files):
     d, p, tmp = files
     out = tmp / "S.npy"

@@ -21,7 +21,7 @@ def rand(shape, seed):
 @pytest.mark.parametrize("block", [1, 7, 32, 1000])
 @pytest.mark.parametrize("k", [1, 5, 40, 97, 500])
 @pytest.mark.parametrize("p", [1, 3, 8])
-def test_relative_matches_reference(block, k, p):
+def test_relative_matches_reference(block, k, p, selection_way):
     q, a = rand((9, 6), 0), rand((97, 6), 1)
     r = ac.relative_representation(q, a, k, p, block_size=block, dtype="float64", device="cpu")
     np.testing.assert_allclose(r.to_dense(), ref_relative(q, a, k, p), atol=1e-12)
@@ -36,7 +36,7 @@ def test_float32_default_close_to_reference():
 
 
 @pytest.mark.parametrize("block", [1, 3, 10])
-def test_ties_go_to_the_lower_anchor_index(block):
+def test_ties_go_to_the_lower_anchor_index(block, selection_way):
     # Entries +-1 in 4 dims: norms are 2, so every cosine is an exact sum of
     # +-1/4 whatever the summation order, and equal anchors tie exactly. The
     # reference keeps the earliest of equal anchors; so must the stream.
@@ -112,7 +112,7 @@ def test_class_scores_match_reference(tiny, reduce, k, p, way):
     np.testing.assert_allclose(s, ref, atol=1e-12)
 
 
-def test_every_point_of_the_sweep_equals_a_run_on_that_prefix(tiny):
+def test_every_point_of_the_sweep_equals_a_run_on_that_prefix(tiny, selection_way):
     d = tiny
     sizes, ps = [3, 10, 50, 97], [1, 3, 8]
     rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 4,

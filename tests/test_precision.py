@@ -66,14 +66,33 @@ def test_bf16_first_pass_on_ties_and_near_ties(k):
         assert_same_top_k(top, *ref)
 
 
-def test_a_bound_too_small_is_caught(monkeypatch):
-    """The near-tie test bites: with a tenth of the proven bound, entries of the top-k are lost."""
-    q, a = near_tie_data(seed=1)
-    ref = reference_top_k(q, a, 37)
-    proven = precision.error_bound
-    monkeypatch.setattr(precision, "error_bound", lambda x, y: proven(x, y) * 0.1)
+def rounding_adversary(n=4000, d=64, seed=0):
+    """Anchors whose every component sits 0.45 ulp from a bfloat16 number, above it for half of
+    them and below for the rest, in a crowd of near-equal similarities to the all-equal query:
+    the bfloat16 product moves half the crowd down and half up, past each other."""
+    rng = np.random.default_rng(seed)
+    base = np.float32(0.125) * (1 + 0.05 * rng.standard_normal((n, d))).astype(np.float32)
+    grid = torch.from_numpy(base).bfloat16().float().numpy()
+    ulp = np.float32(2.0) ** (np.floor(np.log2(np.abs(grid))) - 7)
+    sign = np.where(np.arange(n)[:, None] % 2 == 0, 1, -1).astype(np.float32)
+    a = (grid + sign * 0.45 * ulp).astype(np.float32)
+    return np.full((3, d), 0.125, dtype=np.float32), a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [50, 400, 1500])
+def test_bf16_first_pass_on_rounding_adversary(k):
+    q, a = rounding_adversary()
+    top, = ac.top_k_similarities(q, a, k, first_pass="bf16", block_size=200, device="cpu")
+    assert_same_top_k(top, *reference_top_k(q, a, k))
+
+
+def test_without_the_bound_entries_are_lost(monkeypatch):
+    """The adversary bites: with no error allowance, entries of the true top-k are missed."""
+    q, a = rounding_adversary()
+    ref = reference_top_k(q, a, 400)
+    monkeypatch.setattr(precision, "error_bound", lambda x, y: torch.zeros(x.shape[0], 1))
     monkeypatch.setattr(precision, "OUTPUT_REL", 0.0)
-    top, = ac.top_k_similarities(q, a, 37, first_pass="bf16", block_size=100, device="cpu")
+    top, = ac.top_k_similarities(q, a, 400, first_pass="bf16", block_size=200, device="cpu")
     with pytest.raises(AssertionError):
         assert_same_top_k(top, *ref)
 
@@ -111,8 +130,40 @@ def test_exact_dots_match_float64_and_fallback(monkeypatch):
     want = (q.double()[rows] * a.double()[cols]).sum(1).float()
     got = precision.exact_dots(q, rows, a, cols)
     assert torch.equal(got, want)
-    monkeypatch.setattr(precision, "_DOTS", False)  # no numba: the einsum path
+    monkeypatch.setattr(precision, "_KERNELS", False)  # no numba: the einsum path
     assert torch.equal(precision.exact_dots(q, rows, a, cols), want)
+
+
+def test_bfloat16_floor_keys_order_like_the_values():
+    from asif.selection import _bf16_floor_key
+    thr = [0.0, 1e-38 * 1.5, 0.3, 0.30078125, 0.7071, 2.5, 3e38]
+    keys = np.array([_bf16_floor_key(t) for t in thr], dtype=np.int16)
+    below = torch.from_numpy(keys).view(torch.bfloat16).double().numpy()
+    assert (below <= np.array(thr)).all()  # never above: no candidate is lost
+    above = torch.from_numpy(keys + np.int16(1)).view(torch.bfloat16).double().numpy()
+    assert (above > np.array(thr)).all()  # the largest such bfloat16
+    assert _bf16_floor_key(-0.1) < -32768  # negative: every key passes
+    assert _bf16_floor_key(1e-40) == 0     # subnormal: +0.0, below it (conservative)
+
+
+def test_float32_pass_matches_float64_reference_both_selections(selection_way):
+    """The plain pass: the same anchors as the float64 brute force, values within float32 rounding."""
+    d = structured_coupled_data(n_anchors=4000, n_images=40, n_classes=4, n_templates=2, image_dim=64,
+                                text_dim=32, n_clusters=80)
+    q, a = d["images"], d["anchor_images"]
+    for bs in (None, 300):
+        top, = ac.top_k_similarities(q, a, 120, block_size=bs, device="cpu")
+        ref_i, ref_v = reference_top_k(q, a, 120)
+        for r in range(len(q)):
+            assert set(top.indices[r].tolist()) == set(ref_i[r].tolist())
+        np.testing.assert_allclose(np.sort(top.values.numpy(), 1), np.sort(ref_v, 1), atol=2e-6)
+
+
+def test_bf16_needs_the_compiled_selection(monkeypatch):
+    monkeypatch.setattr(ac, "COMPILED_SELECTION", False)
+    q, a = near_tie_data()
+    with pytest.raises(ASIFInputError, match="fp32"):
+        ac.top_k_similarities(q, a, 5, first_pass="bf16", device="cpu")
 
 
 def test_sweep_with_bf16_first_pass_matches_float32():
