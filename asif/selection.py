@@ -78,52 +78,44 @@ def _candidate_threshold(tau, e, rel, margin):  # pragma: no cover (compiled)
     return s / (1 - rel) - margin
 
 
+def _push(v_row, i_row, n, t, v, idx, k):  # pragma: no cover (compiled)
+    # Append (v, idx) to a row holding n entries above t, compacting first when full; returns (n, t).
+    if n == v_row.shape[0]:
+        t = compact(v_row, i_row, n, k)
+        n = k
+        if not v > t:
+            return n, t
+    v_row[n] = v
+    i_row[n] = idx
+    n += 1
+    if n == k and t == -np.inf:
+        t = compact(v_row, i_row, n, k)  # k held: from now on an entry must beat the k-th
+    return n, t
+
+
 def _absorb(sims, offset, buf_v, buf_i, fill, tau, k):  # pragma: no cover (compiled)
-    cap = buf_v.shape[1]
     for r in prange(sims.shape[0]):
         n, t = fill[r], tau[r]
         v_row, i_row = buf_v[r], buf_i[r]
         for j in range(sims.shape[1]):
             v = sims[r, j]
             if v > t:  # every entry while the row fills (t = -inf); negatives then count as 0
-                if v < 0:
-                    v = 0.0
-                if n == cap:
-                    t = compact(v_row, i_row, n, k)
-                    n = k
-                    if not v > t:
-                        continue
-                v_row[n] = v
-                i_row[n] = offset + j
-                n += 1
-                if n == k and t == -np.inf:
-                    t = compact(v_row, i_row, n, k)  # k held: from now on an entry must beat the k-th
+                n, t = push(v_row, i_row, n, t, max(v, 0.0), offset + j, k)
         fill[r], tau[r] = n, t
 
 
 def _absorb_bf16(keys, q, block, err, rel, margin, offset, buf_v, buf_i, fill, tau, k):  # pragma: no cover
-    cap = buf_v.shape[1]
     for r in prange(keys.shape[0]):
         n, t, qr = fill[r], tau[r], q[r]
         v_row, i_row = buf_v[r], buf_i[r]
         floor = bf16_floor_key(candidate_threshold(t, err[r], rel, margin)) if t > -np.inf else -40000
         for j in range(keys.shape[1]):
             if np.int32(keys[r, j]) > floor:
-                v = np.float32(dot(qr, block[j]))  # the exact value (asif.precision.exact_dots)
-                if v < 0:
-                    v = np.float32(0.0)
+                v = max(np.float32(dot(qr, block[j])), np.float32(0.0))  # exact (asif.precision.exact_dots)
                 if v > t:
-                    if n == cap:
-                        t = compact(v_row, i_row, n, k)
-                        n = k
-                        floor = bf16_floor_key(candidate_threshold(t, err[r], rel, margin))
-                        if not v > t:
-                            continue
-                    v_row[n] = v
-                    i_row[n] = offset + j
-                    n += 1
-                    if n == k and t == -np.inf:
-                        t = compact(v_row, i_row, n, k)
+                    before = t
+                    n, t = push(v_row, i_row, n, t, v, offset + j, k)
+                    if t != before:  # the threshold rose: so does the candidate test
                         floor = bf16_floor_key(candidate_threshold(t, err[r], rel, margin))
         fill[r], tau[r] = n, t
 
@@ -137,6 +129,7 @@ def _finish(buf_v, buf_i, fill, tau, k):  # pragma: no cover (compiled)
 
 prange = range
 compact = _compact
+push = _push
 bf16_floor_key = _bf16_floor_key
 candidate_threshold = _candidate_threshold
 dot = None
@@ -164,6 +157,7 @@ def kernels():
         g["dot"] = precision.dot
         inline = numba.njit(cache=True, nogil=True, inline="always")
         g["compact"] = numba.njit(cache=True, nogil=True)(_compact)
+        g["push"] = inline(_push)
         g["bf16_floor_key"] = inline(_bf16_floor_key)
         g["candidate_threshold"] = inline(_candidate_threshold)
         jit = numba.njit(parallel=True, cache=True, nogil=True)
