@@ -120,11 +120,15 @@ def _absorb_bf16(keys, q, block, err, rel, margin, offset, buf_v, buf_i, fill, t
         fill[r], tau[r] = n, t
 
 
-def _finish(buf_v, buf_i, fill, tau, k):  # pragma: no cover (compiled)
+def _finish(buf_v, buf_i, fill, tau, k, out_v, out_i):  # pragma: no cover (compiled)
+    # Compact every row to its k best and copy them out, rows in parallel.
     for r in prange(buf_v.shape[0]):
         if fill[r] > k:
             tau[r] = compact(buf_v[r], buf_i[r], fill[r], k)
             fill[r] = k
+        for x in range(out_v.shape[1]):
+            out_v[r, x] = buf_v[r, x]
+            out_i[r, x] = buf_i[r, x]
 
 
 prange = range
@@ -190,6 +194,9 @@ class RowBuffers:
 
     def top(self) -> tuple[np.ndarray, np.ndarray]:
         """(values, indices) [Q, min(k, seen)]: the exact top-k now (order within a row: anchor order)."""
-        kernels()[2](self.values, self.indices, self.fill, self.tau, self.k)
-        n = int(self.fill[0]) if len(self.fill) else 0
-        return self.values[:, :n].copy(), self.indices[:, :n].copy()
+        # every row holds min(k, anchors seen): all entries enter until a row holds k
+        n = min(self.k, int(self.fill[0])) if len(self.fill) else 0
+        out_v = np.empty((len(self.fill), n), dtype=self.values.dtype)
+        out_i = np.empty((len(self.fill), n), dtype=np.int64)
+        kernels()[2](self.values, self.indices, self.fill, self.tau, self.k, out_v, out_i)
+        return out_v, out_i
