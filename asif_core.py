@@ -25,6 +25,7 @@ on the compute device.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -224,8 +225,16 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.
     """
     if isinstance(raw, np.ndarray) and not raw.dtype.isnative:  # a .npy saved big-endian: torch reads native only
         raw = raw.astype(raw.dtype.newbyteorder("="))
-    t = torch.from_numpy(np.array(raw, copy=not (isinstance(raw, np.ndarray) and raw.flags.writeable
-                                                   and raw.flags.c_contiguous))) if not torch.is_tensor(raw) else raw
+    if torch.is_tensor(raw):
+        t = raw
+    elif isinstance(raw, np.ndarray) and raw.flags.c_contiguous and (raw.flags.writeable or out is not None):
+        # A read-only memmap block is read in place: its rows are only read, the
+        # normalised ones go to ``out`` (a copy of every block costs ~10% of a stream).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only arrays
+            t = torch.from_numpy(raw)
+    else:
+        t = torch.from_numpy(np.array(raw))
     if not t.is_floating_point():
         raise ASIFInputError(f"{name}: dtype {t.dtype} is not floating point; pass float embeddings")
     # moved as stored (half the bytes from a float16 memmap), converted where it is computed on
@@ -237,7 +246,7 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.
         raise ASIFInputError(f"{name}: a row near {offset} has values too large to normalise; rescale the embeddings")
     if out is not None and t.dtype == compute.dtype and t.device.type == "cpu" and out.numel() >= t.numel():
         return torch.div(t, norms, out=out[:t.numel()].view(t.shape))
-    return (t / norms).to(compute.dtype)
+    return (t / norms).to(compute.dtype)  # a new tensor: the rows read in place stay untouched
 
 
 def _is_in_memory(x) -> bool:
