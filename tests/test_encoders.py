@@ -286,3 +286,33 @@ def test_list_encoders():
     assert by_name["all-MiniLM-L6-v2"]["offline"] and by_name["all-MiniLM-L6-v2"]["dim"] == 384
     assert {r["modality"] for r in rows} == {"image", "text", "clip"}
     assert all(set(r) == {"name", "modality", "offline", "dim", "description"} for r in rows)
+
+
+# ---------------------------------------------------------------------------
+# lazy loading: identity without weights
+# ---------------------------------------------------------------------------
+
+def test_lazy_encoders_know_the_loaded_identity_without_loading(image_encoder, text_encoder):
+    li = asif_encoders.lazy_image_encoder("efficientnet_lite0", device="cpu")
+    lt = asif_encoders.lazy_text_encoder("all-MiniLM-L6-v2", device="cpu")
+    assert li._encoder is None and lt._encoder is None
+    # the cache keys on identity: it must be the loaded model's, to the last field
+    assert li.identity == image_encoder.identity and li.dim == image_encoder.dim
+    assert lt.identity == text_encoder.identity and lt.dim == text_encoder.dim
+    assert li._encoder is None and lt._encoder is None
+    # first use loads, and gives the loaded encoder's vectors
+    np.testing.assert_array_equal(lt.encode(["a cat on a mat"]), text_encoder.encode(["a cat on a mat"]))
+    assert lt._encoder is not None
+
+
+def test_lazy_encoder_refuses_a_model_whose_identity_differs(text_encoder):
+    wrong = dict(text_encoder.identity, dtype="float16")
+    lazy = asif_encoders.LazyEncoder("all-MiniLM-L6-v2", wrong, text_encoder.dim, lambda: text_encoder)
+    with pytest.raises(RuntimeError, match="identity differs"):
+        lazy.encode(["x"])
+
+
+def test_other_names_load_at_once():
+    """Only the packaged encoders wait: an online name is loaded (and here fails, offline) at once."""
+    with pytest.raises(ASIFInputError, match="cannot fetch timm weights"):
+        asif_encoders.lazy_image_encoder("resnet18.a1_in1k", device="cpu")
