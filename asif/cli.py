@@ -224,8 +224,9 @@ def _add_stream_options(p) -> None:
     p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16, float64")
     p.add_argument("--block-size", type=positive_int, default=None, help="anchors per block (default: from free memory)")
     p.add_argument("--first-pass", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32: plain products (default); bf16: candidates from bfloat16 products on the CPU, "
-                        "every kept value recomputed exactly (same top-k as float64 rounded to float32)")
+                   help="fp32: plain float32 products; bf16 (CPU): candidates from bfloat16 products, every kept "
+                        "value recomputed exactly, the same top-k as float64 rounded to float32; faster only where "
+                        "similarities are spread out (benchmarks/README.md)")
 
 
 def _add_core_commands(sub) -> None:
