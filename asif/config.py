@@ -16,6 +16,16 @@ PROJECT_ROOT = PACKAGE_DIR.parent        # the checkout, when the package is use
 SMOKE_SIZE = 200
 
 
+def numba_module():
+    """numba when it is installed (the compiled kernels of scoring, selection, precision), else None:
+    callers then fall back to scipy, numpy or torch."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba
+
+
 def _in_checkout() -> bool:
     return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "asif_core.py").is_file()
 

@@ -52,11 +52,12 @@ the product it saves (see :func:`resolve_first_pass`).
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
+
+from asif.config import numba_module
 
 __all__ = ["U_BF16", "OUTPUT_REL", "error_bound", "candidate_threshold", "exact_dots", "fast_bf16",
            "FIRST_PASSES", "resolve_first_pass"]
@@ -88,11 +89,16 @@ def error_bound(queries: torch.Tensor, queries_low: torch.Tensor) -> torch.Tenso
     return (e + MARGIN).float()
 
 
-def candidate_threshold(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """[Q, 1]: an entry of the bfloat16 product can exceed the exact value t only if it exceeds this."""
-    s = t.double() - e.double()
-    thr = torch.where(s > 0, s / (1 + OUTPUT_REL), s / (1 - OUTPUT_REL))
-    return (thr - MARGIN).float()
+def candidate_threshold(t, e, rel=OUTPUT_REL, margin=MARGIN):
+    """An entry of the bfloat16 product can exceed the exact value t only if it exceeds this.
+
+    One row's scalars: t its running k-th value, e its :func:`error_bound`.
+    Compiled into the selection kernel (asif.selection) as it is.
+    """
+    s = np.float64(t) - e
+    if s > 0:
+        return s / (1 + rel) - margin
+    return s / (1 - rel) - margin
 
 
 # ---------------------------------------------------------------------------
@@ -121,9 +127,8 @@ dot = _dot      # its compiled form once numba is imported
 def _kernels():
     global _KERNELS
     if _KERNELS is None:
-        try:
-            import numba
-        except ImportError:
+        numba = numba_module()
+        if numba is None:
             _KERNELS = False
             return _KERNELS
         globals()["prange"] = numba.prange
@@ -180,14 +185,10 @@ def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
     (AMX-BF16 or AVX512-BF16, where /proc/cpuinfo tells), a timed probe
     must show the bfloat16 product at least 1.5x faster than float32, and
     the bound of the module docstring must hold on the probe's values.
-    ``ASIF_FIRST_PASS=fp32`` in the environment turns it off.
     """
     device = torch.device(device)
     key = str(device)
     if key in _FAST:
-        return _FAST[key]
-    if os.environ.get("ASIF_FIRST_PASS", "").lower() == "fp32":
-        _FAST[key] = (False, "ASIF_FIRST_PASS=fp32")
         return _FAST[key]
     if device.type != "cpu":
         _FAST[key] = (False, f"the exact bfloat16 first pass is implemented for the CPU; {device.type} uses its dtype")
@@ -226,11 +227,11 @@ def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
 def resolve_first_pass(first_pass: str, device: torch.device, dtype: torch.dtype) -> str:
     """Check a ``first_pass`` choice: "fp32" (the plain product, the default) or "bf16".
 
-    "bf16" is exact (module docstring) but is not yet faster on the
-    reference machine: the float64 recomputation gathers one query and one
-    anchor row per candidate, ~0.4-1 us each, and a stream over 200k anchors
-    recomputes ~4,000 candidates per query (benchmarks/README.md). It is a
-    float32 computation on the CPU only.
+    "bf16" is exact (module docstring) but not faster everywhere: a stream
+    over 200k anchors recomputes ~5,000 candidates per query (~85 ns each
+    for d = 768), more where similarities crowd near the k-th value, as on
+    Fashion-MNIST (benchmarks/README.md). It is a float32 computation on the
+    CPU only.
     """
     from asif.errors import ASIFInputError
     if first_pass not in FIRST_PASSES:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from asif.config import numba_module
+
 __all__ = ["Entries", "entries_from_topk", "class_means", "product", "forced", "sparse_kernels_available",
            "SPARSE_OP_COST"]
 
@@ -128,9 +130,8 @@ def _sparse_kernels():
     """
     global _KERNELS
     if _KERNELS is None:
-        try:
-            import numba
-        except ImportError:
+        numba = numba_module()
+        if numba is None:
             _KERNELS = False
             return _KERNELS
         globals()["prange"] = numba.prange  # resolved as a global when the kernel compiles

@@ -29,6 +29,9 @@ import math
 
 import numpy as np
 
+from asif import precision
+from asif.config import numba_module
+
 __all__ = ["RowBuffers", "kernels", "available"]
 
 _KERNELS = None
@@ -70,14 +73,6 @@ def _bf16_floor_key(thr):  # pragma: no cover (compiled)
     return (biased << 7) | (int(math.floor(m * 256.0)) - 128)
 
 
-def _candidate_threshold(tau, e, rel, margin):  # pragma: no cover (compiled)
-    # asif.precision.candidate_threshold for one row
-    s = np.float64(tau) - e
-    if s > 0:
-        return s / (1 + rel) - margin
-    return s / (1 - rel) - margin
-
-
 def _push(v_row, i_row, n, t, v, idx, k):  # pragma: no cover (compiled)
     # Append (v, idx) to a row holding n entries above t, compacting first when full; returns (n, t).
     if n == v_row.shape[0]:
@@ -108,7 +103,7 @@ def _absorb_bf16(keys, q, block, err, rel, margin, offset, buf_v, buf_i, fill, t
     for r in prange(keys.shape[0]):
         n, t, qr = fill[r], tau[r], q[r]
         v_row, i_row = buf_v[r], buf_i[r]
-        floor = bf16_floor_key(candidate_threshold(t, err[r], rel, margin)) if t > -np.inf else -40000
+        floor = bf16_floor_key(candidate_threshold(t, err[r], rel, margin))  # all pass while t = -inf
         for j in range(keys.shape[1]):
             if np.int32(keys[r, j]) > floor:
                 v = max(np.float32(dot(qr, block[j])), np.float32(0.0))  # exact (asif.precision.exact_dots)
@@ -135,26 +130,20 @@ prange = range
 compact = _compact
 push = _push
 bf16_floor_key = _bf16_floor_key
-candidate_threshold = _candidate_threshold
+candidate_threshold = precision.candidate_threshold
 dot = None
 
 
 def available() -> bool:
     """True when numba is there to compile the kernels (else the core selects with torch)."""
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return numba_module() is not None
 
 
 def kernels():
     """(absorb, absorb_bf16, finish), compiled once (numba, cached on disk)."""
     global _KERNELS
     if _KERNELS is None:
-        import numba
-
-        from asif import precision
+        numba = numba_module()
         precision._kernels()  # the compiled dot, shared with exact_dots: one sum order for every pair
         g = globals()
         g["prange"] = numba.prange
@@ -163,7 +152,7 @@ def kernels():
         g["compact"] = numba.njit(cache=True, nogil=True)(_compact)
         g["push"] = inline(_push)
         g["bf16_floor_key"] = inline(_bf16_floor_key)
-        g["candidate_threshold"] = inline(_candidate_threshold)
+        g["candidate_threshold"] = inline(precision.candidate_threshold)
         jit = numba.njit(parallel=True, cache=True, nogil=True)
         _KERNELS = (jit(_absorb), numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_absorb_bf16),
                     jit(_finish))
@@ -188,7 +177,6 @@ class RowBuffers:
     def absorb_bf16(self, keys: np.ndarray, queries: np.ndarray, block: np.ndarray, err: np.ndarray,
                     offset: int) -> None:
         """keys [Q, b] int16 (a bfloat16 product's bits); queries [Q, d], block [b, d] float32; err [Q]."""
-        from asif import precision
         kernels()[1](keys, queries, block, err, precision.OUTPUT_REL, precision.MARGIN, offset, self.values,
                      self.indices, self.fill, self.tau, self.k)
 

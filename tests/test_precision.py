@@ -114,7 +114,7 @@ def test_the_bound_holds_on_the_products_of_this_machine():
 def test_candidate_threshold_keeps_every_entry_that_can_pass():
     t = torch.tensor([[0.5], [0.004], [-0.2]])
     e = torch.full((3, 1), 0.01)
-    thr = precision.candidate_threshold(t, e)
+    thr = torch.tensor([[precision.candidate_threshold(float(tt), float(ee))] for tt, ee in zip(t.view(-1), e.view(-1))])
     # S~ at the threshold, plus its largest possible error, must reach t
     for s_tilde, tt, ee in zip(thr.view(-1).tolist(), t.view(-1).tolist(), e.view(-1).tolist()):
         assert s_tilde + ee + precision.OUTPUT_REL * abs(s_tilde) <= tt + 1e-9
