@@ -148,7 +148,7 @@ def plot_accuracy_vs_anchors(rows: Sequence[dict], chance: float, clip_acc: floa
     ax.set_ylabel("zero-shot top-1 accuracy (%)" if metric == "acc1" else metric)
     params = []
     for key, name in (("non_zeros", "k"), ("reduce", "reduce")):
-        values = sorted({str(r[key]) for r in rows if key in r})
+        values = [str(v) for v in sorted({r[key] for r in rows if key in r})]  # k in numeric order
         if values:
             params.append(f"{name} = {', '.join(values)}")
     params.insert(min(1, len(params)), "p = " + ", ".join(f"{p:g}" for p in exponents))

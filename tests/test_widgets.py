@@ -171,6 +171,10 @@ def test_accuracy_plot_curves_title_and_axis():
     assert curves["ASIF, k = 800"] == pytest.approx([100.0, 110.0, 115.0])
     assert curves["majority class (25%)"] == [25.0, 25.0]
     assert fig.axes[0].get_title() == "k = 100, 800   p = 8   reduce = max"
+    # k in numeric order in the title, not as text ("1600" before "400")
+    fig = widgets.plot_accuracy_vs_anchors([dict(r, non_zeros=k) for k in (1600, 400) for r in rows
+                                            if r["exponent"] == 8], chance=0.1, curve="non_zeros")
+    assert fig.axes[0].get_title() == "k = 400, 1600   p = 8   reduce = max"
 
 
 def test_similarity_heatmap_labels_show_weak_scores():
