@@ -221,7 +221,7 @@ def _add_stream_options(p) -> None:
     p.add_argument("--anchor-texts", required=True, metavar="A_TXT.npy", help="anchor caption embeddings [N, d2], row i pairs with image row i")
     p.add_argument("--non-zeros", type=positive_int, default=800, help="k: anchors kept per relative representation (paper: 800)")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16, float64")
+    p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16 (CUDA), float64")
     p.add_argument("--block-size", type=positive_int, default=None, help="anchors per block (default: from free memory)")
     p.add_argument("--first-pass", choices=["fp32", "bf16"], default="fp32",
                    help="fp32: plain float32 products; bf16 (CPU): candidates from bfloat16 products, every kept "
