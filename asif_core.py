@@ -457,10 +457,11 @@ class StreamJob:
     anchors: object
     name: str
     queries: torch.Tensor
+    first_row: int = 0   # row of anchors[0] in the whole set (a shard's), for the rows errors name
 
 
 def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size: int, name: str,
-                   first_block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                   first_block: int | None = None, first_row: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (end, normalised block [b, d]) over anchors[0:counts[-1]].
 
     Blocks never straddle a count, so a running state is exact at each one.
@@ -477,7 +478,7 @@ def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size:
             # through, so the block it filters is kept small.
             size = block_size if not first_block else min(block_size, max(first_block, start))
             end = min(stop, start + size)
-            yield end, _normalized_block(anchors[start:end], compute, name, start, out=buf)
+            yield end, _normalized_block(anchors[start:end], compute, name, first_row + start, out=buf)
             start = end
 
 
@@ -496,7 +497,7 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     first = compute.block_size or min(bs, max(4 * k, 4096))
     if compute.first_pass == "bf16" and not compute.block_size:
         bs = first = precision.BLOCK  # the recomputation reads the block's rows: keep them in cache
-    streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first) for j in jobs]
+    streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first, j.first_row) for j in jobs]
     out = [[] for _ in runners]
     pending = list(counts)
     with progress_bar(counts[-1], "anchors", compute.progress, unit="anchor") as bar:
@@ -660,6 +661,20 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
         exponent, non_zeros, reduce, acc1, acc5, mean_per_class_recall (with
         labels) and scores [Q, C] numpy (with return_scores).
     """
+    k, ps, compute, counts, jobs = _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes,
+                                                 anchor_counts, exponents, non_zeros, reduce, block_size, device,
+                                                 dtype, memory_budget, progress, first_pass, return_scores)
+    img_tops, txt_tops = _stream(jobs, k, counts, compute)
+    return _sweep_rows(counts, img_tops, txt_tops, ps, k, n_classes, reduce, labels, return_scores)
+
+
+def _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes, anchor_counts, exponents,
+                  non_zeros, reduce, block_size, device, dtype, memory_budget, progress, first_pass, return_scores):
+    """Check a sweep's inputs -> (k, exponents, Compute, counts, the two StreamJobs).
+
+    Shared by ``sweep`` and the distributed sweep (asif.distributed), so both
+    refuse the same inputs with the same words.
+    """
     k = _check_k(non_zeros)
     ps = [_check_exponent(p) for p in exponents]
     if not ps:
@@ -678,7 +693,11 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     counts = _check_counts(_shape(anchor_images)[0], anchor_counts)
     jobs = [StreamJob(anchor_images, "anchor_images", _normalized_block(images, compute, "images", 0)),
             StreamJob(anchor_texts, "anchor_texts", _normalized_block(prompts, compute, "prompts", 0))]
-    img_tops, txt_tops = _stream(jobs, k, counts, compute)
+    return k, ps, compute, counts, jobs
+
+
+def _sweep_rows(counts, img_tops, txt_tops, ps, k, n_classes, reduce, labels, return_scores) -> list[dict]:
+    """The sweep's rows from the top-k of images and prompts at each count (see ``sweep``)."""
     rows = []
     for n, ti, tt in zip(counts, img_tops, txt_tops):
         for p in ps:

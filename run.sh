@@ -29,16 +29,17 @@ setup_apt() {
     || echo "note: apt-get could not install ${missing[*]} ($2)" >&2
 }
 
+# setup_venv EXTRAS: the project with those extras ("all"; the tests add "ray").
 setup_venv() {
   local py=${PYTHON:-python3}
   [ -x .venv/bin/python ] || { echo "== creating .venv"; "$py" -m venv .venv; }
-  # Reinstall only when the dependency list changed.
-  local stamp=.venv/.asif-installed want
+  # Reinstall only when the dependency list or the extras changed.
+  local stamp=".venv/.asif-installed-$1" want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "== pip install -e .[all] (first time: several minutes, torch is large)"
+    echo "== pip install -e .[$1] (first time: several minutes, torch is large)"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[all]"
+    .venv/bin/python -m pip install -q -e ".[$1]"
     echo "$want" > "$stamp"
   fi
 }
@@ -47,7 +48,8 @@ setup_venv() {
 setup_apt asif/data/apt-packages.txt "the offline data"
 # the browser test's Chromium: tests only, never installed in Colab
 if [ "${1:-main}" = test ]; then setup_apt tests/apt-packages.txt "the browser for tests/test_browser.py"; fi
-setup_venv
+# Ray is an optional extra (asif.distributed): the tests install it, the main job does without
+if [ "${1:-main}" = test ]; then setup_venv all,ray; else setup_venv all; fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 case "${1:-main}" in
@@ -57,7 +59,8 @@ case "${1:-main}" in
     # a cache of their own so a user's choice and full embeddings stay as
     # they are).
     # Absolute paths: the notebooks' kernels run in notebooks/.
-    export ASIF_SMOKE=1 ASIF_CACHE=${ASIF_TEST_CACHE:-$PWD/.cache/smoke} ASIF_BUILD=${ASIF_TEST_BUILD:-$PWD/.cache/smoke-build}
+    # ASIF_REQUIRE_RAY: the Ray tests fail, not skip, if the extra is missing
+    export ASIF_REQUIRE_RAY=1 ASIF_SMOKE=1 ASIF_CACHE=${ASIF_TEST_CACHE:-$PWD/.cache/smoke} ASIF_BUILD=${ASIF_TEST_BUILD:-$PWD/.cache/smoke-build}
     exec .venv/bin/python -m pytest tests notebooks --nbval-lax "$@"
     ;;
   main)

@@ -198,7 +198,7 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
                  name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
                  batch_size: int = 64, progress: bool = True, verify: bool = True,
                  captions: Sequence[str] | None = None, labels: np.ndarray | None = None,
-                 checkpoint_rows: int = 512, former_names: Sequence[str] = ()) -> EmbeddingSet:
+                 checkpoint_rows: int = 512, former_names: Sequence[str] = (), engine=None) -> EmbeddingSet:
     """Embed ``items`` (images: PIL/paths/bytes; text: strings) into a cached embedding set.
 
     Returns the set: ``array`` float32 [n, encoder.dim] (memory-mapped);
@@ -207,7 +207,11 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     recomputes any that no longer match. Work is kept every
     ``checkpoint_rows`` inputs, so a killed run loses at most that much.
     ``former_names``: names this set was cached under before; a complete set
-    with the same key found there is moved to ``name``.
+    with the same key found there is moved to ``name``. ``engine``: who
+    embeds the missing shards; None here, in this process, or an
+    ``asif.distributed.RayEngine`` (a Ray cluster). Either way the shards are
+    written here, by this process, as they finish: the same folder, byte for
+    byte.
     """
     if kind not in ("image", "text"):
         raise DataError(f"kind must be 'image' or 'text', not {kind!r}")
@@ -234,12 +238,18 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
     records = {i: _finished_shard(folder, i) for i in range(len(starts))}
     done = sum(min(shard_rows, n - s) for i, s in enumerate(starts) if records[i])
     with progress_bar(n, f"embed {name} {kind}s ({encoder.name})", progress, initial=done) as bar:
-        for i, start in enumerate(starts):
-            if records[i]:
-                continue
-            rows = range(start, min(start + shard_rows, n))
-            block, failed = _encode_shard(folder, i, encoder, kind, items, rows, ids, batch_size, checkpoint_rows, bar)
-            records[i] = _write_shard(folder, i, block, failed)
+        todo = [(i, start, min(start + shard_rows, n)) for i, start in enumerate(starts) if not records[i]]
+        if engine is None:
+            for i, start, stop in todo:
+                block, failed = _encode_shard(folder, i, encoder, kind, items, range(start, stop), ids, batch_size,
+                                              checkpoint_rows, bar)
+                records[i] = _write_shard(folder, i, block, failed)
+        else:
+            for i, block, failed in engine.encode_shards(todo, folder=folder, encoder=encoder, kind=kind, items=items,
+                                                         ids=ids, batch_size=batch_size,
+                                                         checkpoint_rows=checkpoint_rows):
+                records[i] = _write_shard(folder, i, block, failed)
+                bar.update(len(block))
     manifest = {
         "format": storage.EMBEDDING_SET_FORMAT, "cache_format": CACHE_FORMAT, "cache_key": key, "kind": kind,
         "encoder": _encoder_identity(encoder), "dataset": dataset, "name": name,
@@ -350,7 +360,8 @@ class AnchorEmbeddings:
         return [p.name for p in self.anchor_set.parts]
 
 
-def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, root, progress, batch_size):
+def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, root, progress, batch_size,
+                     engine=None):
     """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)], failed).
 
     The whole part is embedded (and cached once for every use) when at
@@ -367,7 +378,7 @@ def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, ro
         items = part.captions if whole else [part.captions[j] for j in rows]
         captions = None
     emb = embed_cached(encoder, items, kind=kind, dataset=identity, ids=ids, name=part.name, root=root,
-                       progress=progress, batch_size=batch_size, captions=captions)
+                       progress=progress, batch_size=batch_size, captions=captions, engine=engine)
     failed = emb.manifest.get("failed", [])
     if not whole:  # the cached rows are the asked ones, in order
         return np.asarray(emb.array), emb.ok, failed
@@ -381,13 +392,14 @@ def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, ro
 def load_anchor_embeddings(anchor_set: str | AnchorSet, image_encoder=DEFAULT_IMAGE_ENCODER,
                            text_encoder=DEFAULT_TEXT_ENCODER, limit: int | None = None, seed: int = 0,
                            root=None, progress: bool = True, batch_size: int = 64,
-                           exclude=None) -> AnchorEmbeddings:
+                           exclude=None, engine=None) -> AnchorEmbeddings:
     """Aligned anchor embeddings for an anchor set (name or object) and two encoders
     (names or encoder objects), embedding through the cache what is not there yet.
 
     ``exclude``: item keys of the test set (EvalDataset.keys); pairs holding
     those items leave the anchors before ``limit`` is applied
-    (``anchor_set.removed`` counts them).
+    (``anchor_set.removed`` counts them). ``engine``: where missing shards
+    are embedded (None: here; ``asif.distributed.RayEngine``: a Ray cluster).
     Returns ``A_img`` float32 [N, d1], ``A_txt`` float32 [N, d2] in the set's
     seeded order, minus pairs whose image failed (dropped from both)."""
     if isinstance(anchor_set, str):
@@ -405,8 +417,8 @@ def load_anchor_embeddings(anchor_set: str | AnchorSet, image_encoder=DEFAULT_IM
             continue
         rows = anchor_set.order[where, 1]
         uniq, inverse = np.unique(rows, return_inverse=True)
-        img, img_ok, failed = _part_embeddings(part, uniq, image_encoder, "image", root, progress, batch_size)
-        txt, _, _ = _part_embeddings(part, uniq, text_encoder, "text", root, progress, batch_size)
+        img, img_ok, failed = _part_embeddings(part, uniq, image_encoder, "image", root, progress, batch_size, engine)
+        txt, _, _ = _part_embeddings(part, uniq, text_encoder, "text", root, progress, batch_size, engine)
         A_img[where], A_txt[where], ok[where] = img[inverse], txt[inverse], img_ok[inverse]
         dropped += failed
     keep = np.flatnonzero(ok)

@@ -175,10 +175,16 @@ def cmd_sweep(args) -> int:
     y = np.asarray(_load_npy(args.labels, "--labels"))
     p = _load_npy(args.prompts, "--prompts")
     start = time.perf_counter()
+    run = ac.sweep
+    extra = {}
+    if args.engine == "ray":
+        from asif import distributed
+        run = distributed.sweep
+        extra = dict(address=args.address, shards=args.shards, cpus_per_worker=args.cpus_per_worker)
     try:
-        rows = ac.sweep(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
-                        non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
-                        block_size=args.block_size, progress=not args.quiet, first_pass=args.first_pass)
+        rows = run(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
+                   non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
+                   block_size=args.block_size, progress=not args.quiet, first_pass=args.first_pass, **extra)
     except ASIFInputError as e:
         raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "labels", "prompts")) from None
     wall = time.perf_counter() - start
@@ -189,7 +195,7 @@ def cmd_sweep(args) -> int:
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
                   "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
-                  "first_pass": args.first_pass,
+                  "first_pass": args.first_pass, "engine": args.engine,
                   "chance": 1 / args.n_classes, "majority_class_rate": majority_class_rate(y),
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
         atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
@@ -229,6 +235,23 @@ def _add_stream_options(p) -> None:
                         "similarities are spread out (benchmarks/README.md)")
 
 
+def _add_engine_options(p, shards_help: str | None = None) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: spread over a Ray cluster (pip install -e \".[ray]\"), "
+                        "the same numbers")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: 'auto' joins the cluster started here by `ray start --head`, "
+                        "ray://HOST:10001 a remote one (default: Ray on this machine alone)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="N",
+                   help="with --engine ray: cores (torch threads) of each worker")
+    if shards_help:
+        p.add_argument("--shards", type=positive_int, default=None, metavar="N", help=f"with --engine ray: {shards_help}")
+    else:
+        p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                       help="with --engine ray: actors per encoder (default: one per GPU, else one per "
+                            "--cpus-per-worker cores)")
+
+
 def _add_core_commands(sub) -> None:
     p = sub.add_parser("sweep", help="zero-shot accuracy against anchor count and exponent (paper Fig. 5) from .npy embeddings")
     _add_stream_options(p)
@@ -244,6 +267,7 @@ def _add_core_commands(sub) -> None:
     p.add_argument("--model", default="asif", help="model name for the JSON")
     p.add_argument("--out", default=None, metavar="result.json", help="clip_benchmark-style JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_options(p, "anchor shards, one Ray task each (default: one per worker)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("similarity", help="ASIF image-text similarity matrix from .npy embeddings")
@@ -410,6 +434,34 @@ def _add_data_commands(sub) -> None:
 # ---------------------------------------------------------------------------
 # end to end: data build, eval, notebooks, report
 # ---------------------------------------------------------------------------
+
+def cmd_embed_anchors(args) -> int:
+    import time
+    from asif import storage
+    from asif.cache import load_anchor_embeddings
+    from asif.config import cache_root
+    if args.out:
+        for side in ("images", "texts"):
+            _check_out(Path(args.out) / side / "manifest.json", "--out")
+    engine = None
+    if args.engine == "ray":
+        from asif.distributed import RayEngine
+        engine = RayEngine(address=args.address, workers=args.workers, cpus_per_worker=args.cpus_per_worker or 1)
+    start = time.perf_counter()
+    anchors = load_anchor_embeddings(args.anchors, args.image_encoder, args.text_encoder, limit=args.limit,
+                                     progress=not args.quiet, batch_size=args.batch_size, engine=engine)
+    wall = time.perf_counter() - start
+    print(f"{len(anchors)} anchor pairs of {args.anchors} embedded ({args.engine}) in {wall:.1f} s; "
+          f"image {anchors.A_img.shape[1]}-d, text {anchors.A_txt.shape[1]}-d; cache {cache_root()}")
+    if anchors.dropped:
+        print(f"left out: {len(anchors.dropped)} pairs with an unreadable image (first: {anchors.dropped[0]['id']})")
+    if args.out:
+        meta = {"anchor_set": args.anchors, "image_encoder": args.image_encoder, "text_encoder": args.text_encoder}
+        for side, array in (("images", anchors.A_img), ("texts", anchors.A_txt)):
+            storage.save_embedding_set(Path(args.out) / side, array, dict(meta, kind=side), captions=anchors.captions)
+        print(f"wrote {args.out}/images and {args.out}/texts (row i of both is pair i)")
+    return 0
+
 
 def cmd_data_build(args) -> int:
     import time
@@ -694,6 +746,22 @@ def cmd_report(args) -> int:
 
 
 def _add_run_commands(sub) -> None:
+    from asif.config import DEFAULT_ANCHORS
+    p = sub.add_parser("embed-anchors", help="embed an anchor set's images and captions into the cache, here or "
+                                             "on a Ray cluster (--engine ray)")
+    p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="SET",
+                   help="iconify, clipart, tuxpaint, fashion-mnist-train, captions:FILE.csv|jsonl, "
+                        "webdataset:PATTERN; combine with +")
+    p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME", help="see `asif encoders`")
+    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME", help="see `asif encoders`")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N pairs in the set's seeded order")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    _add_engine_options(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the aligned anchors as two embedding sets, DIR/images and DIR/texts")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_embed_anchors)
+
     p = sub.add_parser("data", help="build the offline default embeddings")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="embed fashion-mnist (train, test), clipart and tuxpaint with the default encoders")

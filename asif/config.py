@@ -14,6 +14,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DATA_DIR = PACKAGE_DIR / "data"          # class names, templates, registry (installed with the package)
 PROJECT_ROOT = PACKAGE_DIR.parent        # the checkout, when the package is used from one
 SMOKE_SIZE = 200
+DEFAULT_ANCHORS = "iconify+clipart+tuxpaint"   # every offline general source (docs/default_anchors.md)
 
 
 def numba_module():
