@@ -35,7 +35,7 @@ import numpy as np
 
 from asif import storage
 from asif.anchors import AnchorSet, CoupledData, load_anchor_set
-from asif.config import cache_root, progress_bar, smoke_limit
+from asif.config import cache_root, decode_threads, progress_bar, smoke_limit
 from asif.datasets import EvalDataset, load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from asif.errors import DataError, StorageError
@@ -85,7 +85,7 @@ def _encode_images(encoder, items: Sequence, rows: Sequence[int], batch_size: in
             return None, f"{type(e).__name__}: {e}"
     # Decoding and SVG rendering release the GIL for most of their time:
     # a few threads keep them from serialising in front of the encoder.
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(decode_threads()) as pool:
         for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
             if error is None:
                 payload.append(image)

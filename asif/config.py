@@ -69,3 +69,10 @@ def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "item"
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit == "anchor",
                 disable=not enabled, leave=leave)
+
+
+def decode_threads() -> int:
+    """Threads that decode and render images beside the encoder: up to 4, never more than the
+    cores torch computes with (all of them in a plain process; the cores a Ray worker was given)."""
+    import torch
+    return max(1, min(4, torch.get_num_threads()))

@@ -142,6 +142,15 @@ def _unloaded(encoder):
     return encoder
 
 
+def _on_cuda(encoder) -> bool:
+    """Whether an encoder computes on a GPU (a lazy one says so by its identity's half-precision dtype)."""
+    device = encoder.__dict__.get("device")  # never loads a lazy encoder's weights
+    if device is not None:
+        return str(device).startswith("cuda")
+    return str(getattr(encoder, "identity", {}).get("dtype", "")) in ("float16", "bfloat16", "torch.float16",
+                                                                       "torch.bfloat16")
+
+
 @dataclass
 class RayEngine:
     """Where the cache's shards are embedded: on a Ray cluster.
@@ -177,7 +186,9 @@ class RayEngine:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the cache shows one bar for the whole set
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        # The vectors are those of the encoder named here, on its device and dtype (its identity keys the
+        # cache): GPU actors when it computes on CUDA and the cluster has GPUs, CPU actors otherwise.
+        gpus = int(resources.get("GPU", 0)) if _on_cuda(encoder) else 0
         cpus = max(1, int(resources.get("CPU", 1)))
         per = max(1, int(self.cpus_per_worker))
         workers = self.workers or (gpus if gpus else max(1, cpus // per))
@@ -190,7 +201,7 @@ class RayEngine:
                             num_gpus=1 if gpus else 0, batch_format="default",
                             fn_constructor_kwargs=dict(payload=payload, folder=str(folder), kind=kind,
                                                        batch_size=batch_size, checkpoint_rows=checkpoint_rows,
-                                                       threads=0 if gpus else per))
+                                                       threads=per))
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plan, timings, bar notices: ours say enough
         errors = []
         try:

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 import asif_core
-from asif.config import progress_bar
+from asif.config import decode_threads, progress_bar
 from asif.errors import ASIFInputError, BadImagesError, ImageLoadError
 from asif.images import load_image
 
@@ -146,7 +146,7 @@ class ImageEncoder:
         self.device = device
         self.dtype = dtype
         self.identity = identity
-        self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
+        self.workers = max(1, workers if workers is not None else decode_threads())
         self.backend = backend
         _, h, w = self.data_config["input_size"]
         self._fast = self.data_config.get("crop_mode", "center") == "center" and h == w \

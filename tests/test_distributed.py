@@ -254,3 +254,16 @@ def test_the_default_install_never_imports_ray():
             "ac.sweep(x, x, x, np.arange(4), x, 4, non_zeros=2)\n"
             "assert 'ray' not in sys.modules, 'ray was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpu_actors_only_for_an_encoder_that_computes_on_cuda():
+    from types import SimpleNamespace
+    from asif.encoders import LazyEncoder
+    assert not D._on_cuda(FakeEncoder("image"))
+    assert D._on_cuda(SimpleNamespace(device="cuda:0", identity={}))
+    assert not D._on_cuda(SimpleNamespace(device="cpu", identity={"dtype": "float16"}))
+
+    def never():
+        raise AssertionError("asking where it runs must not load the weights")
+    assert D._on_cuda(LazyEncoder("x", {"dtype": "float16"}, 4, never))
+    assert not D._on_cuda(LazyEncoder("x", {"dtype": "float32"}, 4, never))
