@@ -267,3 +267,29 @@ def test_gpu_actors_only_for_an_encoder_that_computes_on_cuda():
         raise AssertionError("asking where it runs must not load the weights")
     assert D._on_cuda(LazyEncoder("x", {"dtype": "float16"}, 4, never))
     assert not D._on_cuda(LazyEncoder("x", {"dtype": "float32"}, 4, never))
+
+
+def test_webdataset_anchors_embedded_on_ray_equal_local(cluster, tmp_path):
+    """Tar shards (as img2dataset writes them): the workers read the images by offset from the shards."""
+    import io
+    import tarfile
+    from PIL import Image
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:05d}.tar", "w") as tar:
+            for k in range(9):
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 6), (s * 90 + k, k * 25, 11)).save(buf, "PNG")
+                for name, data in ((f"{s}{k:04d}.png", buf.getvalue()), (f"{s}{k:04d}.txt", f"thing {s} {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    source = f"webdataset:{tmp_path}/shard-{{00000..00001}}.tar"
+    got = {}
+    for engine in (None, D.RayEngine(cpus_per_worker=1)):
+        got[engine is None] = C.load_anchor_embeddings(source, FakeEncoder("image"), FakeEncoder("text"),
+                                                       root=tmp_path / f"cache-{engine is None}", progress=False,
+                                                       engine=engine)
+    local, spread = got[True], got[False]
+    assert len(local) == 18 and spread.captions == local.captions
+    np.testing.assert_array_equal(spread.A_img, local.A_img)
+    np.testing.assert_array_equal(spread.A_txt, local.A_txt)
