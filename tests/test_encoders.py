@@ -201,6 +201,15 @@ def test_onnx_backend_matches_torch(image_encoder, photos):
     assert image_encoder.identity["backend"].startswith("onnxruntime") and torch_encoder.identity["backend"] == "torch"
 
 
+def test_onnx_sub_batches_give_the_same_vectors_bit_for_bit(image_encoder, photos, monkeypatch):
+    ims = [im.rotate(a) for im in photos.values() for a in (0, 90, 180)]  # 9 images, 3 sub-batches of 4
+    whole = image_encoder.encode(ims, batch_size=9, progress=False)
+    monkeypatch.setattr(asif_encoders, "ONNX_BATCH", 4)
+    np.testing.assert_array_equal(image_encoder.encode(ims, batch_size=9, progress=False), whole)
+    monkeypatch.setattr(asif_encoders, "ONNX_BATCH", 1)
+    np.testing.assert_array_equal(image_encoder.encode(ims, batch_size=9, progress=False), whole)
+
+
 # ---------------------------------------------------------------------------
 # text encoder: packaged all-MiniLM-L6-v2, and a local folder
 # ---------------------------------------------------------------------------
