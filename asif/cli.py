@@ -746,7 +746,7 @@ def cmd_report(args) -> int:
 
 
 def _add_run_commands(sub) -> None:
-    from asif.config import DEFAULT_ANCHORS
+    from asif.config import DEFAULT_ANCHORS, DEFAULT_DATASET
     p = sub.add_parser("embed-anchors", help="embed an anchor set's images and captions into the cache, here or "
                                              "on a Ray cluster (--engine ray)")
     p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="SET",
@@ -781,8 +781,9 @@ def _add_run_commands(sub) -> None:
                     "the number of anchors (paper Fig. 5), embedding what the cache does not hold yet. "
                     "Example: asif eval --dataset imagefolder:photos --classnames cat dog "
                     "--templates 'a photo of a {c}.' --out r.json")
-    p.add_argument("--dataset", default="fashion-mnist", metavar="NAME",
-                   help="evaluation data: fashion-mnist (offline, Debian package); cifar10, cifar100, pets "
+    p.add_argument("--dataset", default=DEFAULT_DATASET, metavar="NAME",
+                   help="evaluation data: tuxpaint-photos, fashion-mnist, clipart-objects (offline, Debian "
+                        "packages); cifar10, cifar100, pets "
                         "(online, torchvision); imagenet:PATH (a local validation folder, one wnid subfolder per "
                         "class); imagefolder:PATH (your folder: one subfolder per class, the sorted subfolder "
                         "names are the classes, '_' read as a space)")
@@ -794,8 +795,9 @@ def _add_run_commands(sub) -> None:
                    help="prompt templates with {c} for the class name, e.g. 'a photo of a {c}.' (the article "
                         "agrees: an apple, trousers), in place of the dataset's own; one argument that names a "
                         "file reads one per line")
-    p.add_argument("--anchors", default="clipart+tuxpaint", metavar="SET",
-                   help="coupled image-caption anchors: clipart, tuxpaint (offline, Debian packages), "
+    p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="SET",
+                   help="coupled image-caption anchors: iconify (npm package, fetched once), clipart, tuxpaint "
+                        "(offline, Debian packages), "
                         "fashion-mnist-train (in-domain captions), captions:FILE.csv|jsonl (image path and caption "
                         "per row), webdataset:PATTERN (tar shards); combine sets with +")
     p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME",

@@ -15,6 +15,7 @@ DATA_DIR = PACKAGE_DIR / "data"          # class names, templates, registry (ins
 PROJECT_ROOT = PACKAGE_DIR.parent        # the checkout, when the package is used from one
 SMOKE_SIZE = 200
 DEFAULT_ANCHORS = "iconify+clipart+tuxpaint"   # every offline general source (docs/default_anchors.md)
+DEFAULT_DATASET = "tuxpaint-photos"            # natural photo cut-outs, held out of the anchors
 
 
 def numba_module():

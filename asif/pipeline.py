@@ -22,7 +22,7 @@ import numpy as np
 import asif_core
 from asif import mixture, registry, storage
 from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
-from asif.config import DEFAULT_ANCHORS, cache_root, progress_bar  # DEFAULT_ANCHORS: every offline general source
+from asif.config import DEFAULT_ANCHORS, DEFAULT_DATASET, cache_root, progress_bar
 from asif.datasets import load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
 from asif.errors import ASIFInputError
@@ -38,7 +38,6 @@ __all__ = ["Choice", "load_choice", "save_choice", "choice_options", "parse_expo
 # the choice, shared by the notebooks
 # ---------------------------------------------------------------------------
 
-DEFAULT_DATASET = "tuxpaint-photos"            # natural photo cut-outs, held out of the anchors
 
 @dataclass
 class Choice:

@@ -215,7 +215,7 @@ def test_eval_on_a_folder_with_its_own_names_and_templates(tmp_path, monkeypatch
 def test_every_eval_option_is_explained_with_its_default(capsys):
     assert cli.main(["eval", "--help"]) == 0  # main returns argparse's exit status
     text = capsys.readouterr().out
-    assert "imagefolder:PATH" in text and "captions:FILE" in text and "(default: fashion-mnist)" in text
+    assert "imagefolder:PATH" in text and "captions:FILE" in text and "(default: tuxpaint-photos)" in text
     assert "(default: 800)" in text and "(default: max)" in text and "headline" in text
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
@@ -227,7 +227,8 @@ def test_every_eval_option_is_explained_with_its_default(capsys):
 @needs("openclipart-svg")
 def test_eval_asks_for_more_anchors_than_exist(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ASIF_CACHE", str(tmp_path / "cache"))
-    argv = ["eval", "--anchors", "clipart", "--limit", "20", "--anchor-limit", "10", "--n-anchors", "50", "--quiet"]
+    argv = ["eval", "--dataset", "fashion-mnist", "--anchors", "clipart", "--limit", "20", "--anchor-limit", "10",
+            "--n-anchors", "50", "--quiet"]
     assert cli.main(argv) == 2
     assert "has 10 pairs" in capsys.readouterr().err
 
