@@ -8,7 +8,8 @@ beyond, and both split along the anchors:
   ``asif.cache.embed_cached(engine=...)`` and ``asif embed-anchors --engine
   ray``). The cache's shards are the unit of work: a Ray Data pipeline of
   shard descriptors goes through ``map_batches`` with a pool of actors per
-  encoder (one GPU each where the cluster has GPUs, CPUs otherwise). Each
+  encoder (one GPU each when the encoder computes on CUDA and the cluster
+  has GPUs, CPUs otherwise). Each
   actor loads its encoder once, decodes and embeds its shard with the very
   function the local path uses (same batches, same checkpoints), and sends
   the vectors back; the driver writes each shard into the cache as it
@@ -156,7 +157,7 @@ class RayEngine:
     """Where the cache's shards are embedded: on a Ray cluster.
 
     ``address``: see ``connect``. ``workers``: actors per encoder (default:
-    one per GPU when the cluster has GPUs, else one per ``cpus_per_worker``
+    one per GPU when GPU actors are used, else one per ``cpus_per_worker``
     cores). ``cpus_per_worker``: cores (torch threads) of each actor.
     """
     address: str | None = None
