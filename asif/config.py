@@ -28,6 +28,23 @@ def numba_module():
     return numba
 
 
+def compiled_kernels(namespace: dict, build):
+    """A module's numba kernels, compiled once and kept in its ``_KERNELS``; False without numba.
+
+    ``namespace``: the module's globals. Its ``prange`` becomes numba's before
+    ``build(numba)`` compiles (kernels resolve it as a global when they
+    compile); ``build`` returns the kernels and may set other globals first.
+    """
+    if namespace["_KERNELS"] is None:
+        numba = numba_module()
+        if numba is None:
+            namespace["_KERNELS"] = False
+        else:
+            namespace["prange"] = numba.prange
+            namespace["_KERNELS"] = build(numba)
+    return namespace["_KERNELS"]
+
+
 def _in_checkout() -> bool:
     return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "asif_core.py").is_file()
 

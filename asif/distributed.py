@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -164,12 +164,6 @@ class RayEngine:
     workers: int | None = None
     cpus_per_worker: int = 1
     num_cpus: int | None = None   # when a local instance is started: its cores (default all)
-    _ray: object = field(default=None, repr=False)
-
-    def _connect(self):
-        if self._ray is None:
-            self._ray = connect(self.address, self.num_cpus)
-        return self._ray
 
     def encode_shards(self, shards: Sequence[tuple[int, int, int]], *, folder, encoder, kind: str, items, ids,
                       batch_size: int, checkpoint_rows: int) -> Iterator[tuple[int, np.ndarray, list[dict]]]:
@@ -182,7 +176,7 @@ class RayEngine:
         import json
         if not shards:
             return
-        ray = self._connect()
+        ray = connect(self.address, self.num_cpus)
         import ray.data
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the cache shows one bar for the whole set

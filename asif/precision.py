@@ -57,7 +57,7 @@ import time
 import numpy as np
 import torch
 
-from asif.config import numba_module
+from asif.config import compiled_kernels
 
 __all__ = ["U_BF16", "OUTPUT_REL", "error_bound", "candidate_threshold", "exact_dots", "fast_bf16",
            "FIRST_PASSES", "resolve_first_pass"]
@@ -125,18 +125,12 @@ dot = _dot      # its compiled form once numba is imported
 
 
 def _kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        numba = numba_module()
-        if numba is None:
-            _KERNELS = False
-            return _KERNELS
-        globals()["prange"] = numba.prange
+    def build(numba):
         # One compiled dot for every pair, in both kernels: the same sum order
         # for a pair whichever block or kernel recomputes it.
         globals()["dot"] = numba.njit(cache=True, nogil=True, fastmath=True, inline="always")(_dot)
-        _KERNELS = (numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_dots_kernel),)
-    return _KERNELS
+        return (numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_dots_kernel),)
+    return compiled_kernels(globals(), build)
 
 
 def exact_dots(queries: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asif.config import numba_module
+from asif.config import compiled_kernels
 
 __all__ = ["Entries", "entries_from_topk", "class_means", "product", "forced", "sparse_kernels_available",
            "SPARSE_OP_COST"]
@@ -128,16 +128,8 @@ def _sparse_kernels():
     symbolic pass and no sparse result (most of scipy's cost when the output
     is dense). Compiled at first use and cached on disk.
     """
-    global _KERNELS
-    if _KERNELS is None:
-        numba = numba_module()
-        if numba is None:
-            _KERNELS = False
-            return _KERNELS
-        globals()["prange"] = numba.prange  # resolved as a global when the kernel compiles
-        _KERNELS = (numba.njit(parallel=True, cache=True, nogil=True)(_bucket_by_tile),
-                    numba.njit(parallel=True, cache=True, nogil=True)(_tiled_product))
-    return _KERNELS
+    return compiled_kernels(globals(), lambda numba: (numba.njit(parallel=True, cache=True, nogil=True)(_bucket_by_tile),
+                                                      numba.njit(parallel=True, cache=True, nogil=True)(_tiled_product)))
 
 
 def sparse_kernels_available() -> bool:

