@@ -243,7 +243,8 @@ def _add_engine_options(p, shards_help: str | None = None) -> None:
                    help="with --engine ray: 'auto' joins the cluster started here by `ray start --head`, "
                         "ray://HOST:10001 a remote one (default: Ray on this machine alone)")
     p.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="N",
-                   help="with --engine ray: cores (torch threads) of each worker")
+                   help="with --engine ray: cores (torch threads) of each worker (default: 1 for embedding, "
+                        "the cores of the smallest node for the sweep)")
     if shards_help:
         p.add_argument("--shards", type=positive_int, default=None, metavar="N", help=f"with --engine ray: {shards_help}")
     else:
