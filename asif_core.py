@@ -6,7 +6,7 @@ exactly"); numpy and torch, plus the package's scoring engine (asif.scoring)
 and storage (asif.storage):
 
   0. device, dtype and block size
-  1. inputs checked and L2-normalised
+  1. inputs checked and L2-normalised (optionally centred on the anchors' mean)
   2. the similarities to the anchors, streamed in blocks, exact running top-k
      (``non_zeros``); negatives count as 0
   3. sharpen (``exponent``) and L2-normalise: the relative representation r(x)
@@ -42,7 +42,7 @@ __all__ = [
     "ASIF", "ASIFInputError", "pick_device", "parse_dtype", "resolve_dtype", "choose_block_size",
     "check_embeddings", "check_anchors", "TopK", "RelativeRepresentation", "top_k_similarities",
     "sharpen", "relative_representation", "similarity", "class_scores", "classify", "sweep", "Retrieval",
-    "retrieve", "explain", "REDUCES",
+    "retrieve", "explain", "REDUCES", "anchor_centre",
 ]
 
 REDUCES = ("max", "mean")
@@ -214,14 +214,16 @@ def check_anchors(anchor_images, anchor_texts, full_scan: bool = True) -> None:
                              f"row i of both must come from the same image-caption pair")
 
 
-def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.Tensor | None = None,
+                      centre: np.ndarray | None = None) -> torch.Tensor:
     """Rows (a block of anchors, or the queries) as a normalised tensor; the row norms double as the check.
 
     A NaN/inf row has a non-finite norm and an all-zero row a zero norm, so
     one pass finds both without a separate scan of the (maybe huge) anchors.
     ``out``: a flat CPU buffer of the compute dtype to write the rows into
     (the stream reuses one: a fresh block-sized tensor costs its page faults
-    every block, ~20% of the stream on the CPU).
+    every block, ~20% of the stream on the CPU). ``centre`` [d]: subtracted
+    from the unit rows, which are then normalised again (see ``anchor_centre``).
     """
     if isinstance(raw, np.ndarray) and not raw.dtype.isnative:  # a .npy saved big-endian: torch reads native only
         raw = raw.astype(raw.dtype.newbyteorder("="))
@@ -245,8 +247,69 @@ def _normalized_block(raw, compute: Compute, name: str, offset: int, out: torch.
         _check_values(raw, name, offset)  # names the row and the fault
         raise ASIFInputError(f"{name}: a row near {offset} has values too large to normalise; rescale the embeddings")
     if out is not None and t.dtype == compute.dtype and t.device.type == "cpu" and out.numel() >= t.numel():
-        return torch.div(t, norms, out=out[:t.numel()].view(t.shape))
-    return (t / norms).to(compute.dtype)  # a new tensor: the rows read in place stay untouched
+        return _centred(torch.div(t, norms, out=out[:t.numel()].view(t.shape)), centre)
+    # a new tensor: the rows read in place stay untouched; centred before any cast to half precision
+    return _centred(t / norms, centre).to(compute.dtype)
+
+
+def _centred(unit: torch.Tensor, centre: np.ndarray | None) -> torch.Tensor:
+    """Unit rows [b, d] minus ``centre`` [d], normalised again, in place; a row equal to the centre becomes 0."""
+    if centre is None:
+        return unit
+    unit.sub_(torch.as_tensor(centre, dtype=unit.dtype, device=unit.device))
+    return unit.div_(torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(1e-30))
+
+
+def anchor_centre(anchors, count: int | None = None, name: str = "anchors", block: int = 16384) -> np.ndarray:
+    """The mean of the unit anchor rows anchors[:count]: float64 [d].
+
+    Centring removes the direction every embedding of an encoder shares
+    (pooled CNN features are all non-negative, sentence embeddings are
+    anisotropic): without it every cosine is high and a few "hub" anchors
+    fill almost every query's top-k. Queries and anchors are centred on the
+    same vector, which comes from the anchors only. Read block by block, so
+    a memmap larger than memory is fine; values are checked as they are read.
+    """
+    n = _shape(anchors)[0] if count is None else int(count)
+    if n < 2:
+        raise ASIFInputError(f"{name}: centring needs at least 2 anchors, got {n}; use centre=False")
+    cpu64 = Compute(torch.device("cpu"), torch.float64)
+    total = torch.zeros(_shape(anchors)[1], dtype=torch.float64)
+    for start in range(0, n, block):
+        total += _normalized_block(anchors[start:min(n, start + block)], cpu64, name, start).sum(0)
+    return (total / n).numpy()
+
+
+def _centre_vector(c, dim: int, name: str) -> np.ndarray:
+    try:
+        v = np.asarray(c, dtype=np.float64)
+    except (TypeError, ValueError):
+        v = np.zeros(0)
+    if v.shape != (dim,) or not np.isfinite(v).all():
+        raise ASIFInputError(f"centre of {name}: expected False, True or a finite vector of shape ({dim},), "
+                             f"got {type(c).__name__} of shape {getattr(v, 'shape', '?')}")
+    return v
+
+
+def _one_centre(centre, anchors, n: int, name: str = "anchors") -> np.ndarray | None:
+    """``centre`` of one modality -> [d] or None: False/None (the paper's method, no centring),
+    True (the mean of the first ``n`` unit anchors) or a vector, used as given."""
+    if centre is None or isinstance(centre, (bool, np.bool_)):
+        return anchor_centre(anchors, n, name) if centre else None
+    return _centre_vector(centre, _shape(anchors)[1], name)
+
+
+def _centres(centre, anchor_images, anchor_texts, n: int) -> tuple:
+    """``centre`` of sweep/classify/ASIF -> (image centre, text centre), each [d] or None:
+    False, True, or a pair of vectors (image [d1], text [d2])."""
+    if centre is None or isinstance(centre, (bool, np.bool_)):
+        return _one_centre(centre, anchor_images, n, "anchor_images"), _one_centre(centre, anchor_texts, n,
+                                                                                   "anchor_texts")
+    if not isinstance(centre, (tuple, list)) or len(centre) != 2:
+        raise ASIFInputError(f"centre: use False, True or a pair (image centre [d1], text centre [d2]), "
+                             f"got {type(centre).__name__}")
+    return (_centre_vector(centre[0], _shape(anchor_images)[1], "anchor_images"),
+            _centre_vector(centre[1], _shape(anchor_texts)[1], "anchor_texts"))
 
 
 def _is_in_memory(x) -> bool:
@@ -458,10 +521,12 @@ class StreamJob:
     name: str
     queries: torch.Tensor
     first_row: int = 0   # row of anchors[0] in the whole set (a shard's), for the rows errors name
+    centre: np.ndarray | None = None  # [d], subtracted from every unit anchor row (queries come centred)
 
 
 def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size: int, name: str,
-                   first_block: int | None = None, first_row: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+                   first_block: int | None = None, first_row: int = 0,
+                   centre: np.ndarray | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (end, normalised block [b, d]) over anchors[0:counts[-1]].
 
     Blocks never straddle a count, so a running state is exact at each one.
@@ -478,7 +543,8 @@ def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size:
             # through, so the block it filters is kept small.
             size = block_size if not first_block else min(block_size, max(first_block, start))
             end = min(stop, start + size)
-            yield end, _normalized_block(anchors[start:end], compute, name, first_row + start, out=buf)
+            yield end, _normalized_block(anchors[start:end], compute, name, first_row + start, out=buf,
+                                         centre=centre)
             start = end
 
 
@@ -497,7 +563,7 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     first = compute.block_size or min(bs, max(4 * k, 4096))
     if compute.first_pass == "bf16" and not compute.block_size:
         bs = first = precision.BLOCK  # the recomputation reads the block's rows: keep them in cache
-    streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first, j.first_row) for j in jobs]
+    streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first, j.first_row, j.centre) for j in jobs]
     out = [[] for _ in runners]
     pending = list(counts)
     with progress_bar(counts[-1], "anchors", compute.progress, unit="anchor") as bar:
@@ -516,7 +582,7 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
 def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts: Sequence[int] | None = None,
                        block_size: int | None = None, device="auto", dtype=None,
                        memory_budget: int | None = None, progress: bool = False,
-                       first_pass: str = "fp32") -> list[TopK]:
+                       first_pass: str = "fp32", centre=False) -> list[TopK]:
     """Exact top-``non_zeros`` similarities of each query to the anchors, streamed.
 
     Args:
@@ -526,6 +592,8 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
         first_pass: "fp32" (the plain product) or "bf16": candidates from a
             bfloat16 product, every value that enters recomputed exactly
             (asif.precision); the same top-k as float64 rounded to float32.
+        centre: False (the paper), True (centre queries and anchors on the
+            mean of the first max(anchor_counts) unit anchors) or a vector [d].
     Returns:
         one TopK per count, values and indices [Q, min(k, n)].
     """
@@ -535,7 +603,8 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
     # values: when normalised
     check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")
     counts = _check_counts(_shape(anchors)[0], anchor_counts)
-    job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0))
+    c = _one_centre(centre, anchors, counts[-1])
+    job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0, centre=c), centre=c)
     return _stream([job], k, counts, compute)[0]
 
 
@@ -579,16 +648,18 @@ def sharpen(top: TopK, exponent: float = 8.0) -> RelativeRepresentation:
 def relative_representation(queries, anchors, non_zeros: int = 800, exponent: float = 8.0, *,
                             block_size: int | None = None, device="auto", dtype=None,
                             memory_budget: int | None = None, progress: bool = False,
-                            first_pass: str = "fp32") -> RelativeRepresentation:
+                            first_pass: str = "fp32", centre=False) -> RelativeRepresentation:
     """r(x) for each query: sparse, ``non_zeros`` entries, sharpened by ``exponent``, unit norm.
 
     Args:
         queries: [Q, d]; anchors: [N, d] of the same modality and encoder.
+        centre: False, True or a vector [d], as in ``top_k_similarities``.
     Returns:
         RelativeRepresentation with indices and values [Q, min(non_zeros, N)].
     """
     top, = top_k_similarities(queries, anchors, non_zeros, block_size=block_size, device=device,
-                              dtype=dtype, memory_budget=memory_budget, progress=progress, first_pass=first_pass)
+                              dtype=dtype, memory_budget=memory_budget, progress=progress, first_pass=first_pass,
+                              centre=centre)
     return sharpen(top, exponent)
 
 
@@ -627,13 +698,14 @@ def class_scores(image_rep: RelativeRepresentation, prompt_rep: RelativeRepresen
 
 
 def classify(anchor_images, anchor_texts, images, prompts, n_classes: int, *, non_zeros: int = 800,
-             exponent: float = 8.0, reduce: str = "max", **compute) -> np.ndarray:
+             exponent: float = 8.0, reduce: str = "max", centre=False, **compute) -> np.ndarray:
     """Zero-shot class scores [Q, C] of images [Q, d1] against C*T class-major prompts [P, d2].
 
-    ``compute``: device, dtype, block_size, memory_budget, progress.
+    ``centre``: as in ``sweep``. ``compute``: device, dtype, block_size,
+    memory_budget, progress, first_pass.
     """
     rows = sweep(anchor_images, anchor_texts, images, None, prompts, n_classes, non_zeros=non_zeros,
-                 exponents=[exponent], reduce=reduce, return_scores=True, **compute)
+                 exponents=[exponent], reduce=reduce, return_scores=True, centre=centre, **compute)
     return rows[0]["scores"]
 
 
@@ -645,11 +717,14 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
           anchor_counts: Sequence[int] | None = None, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
           reduce: str = "max", block_size: int | None = None, device="auto", dtype=None,
           memory_budget: int | None = None, progress: bool = False, return_scores: bool = False,
-          first_pass: str = "fp32") -> list[dict]:
+          first_pass: str = "fp32", centre=False) -> list[dict]:
     """Zero-shot accuracy for every (anchor count, exponent), in one pass over the anchors.
 
     Each count n is evaluated exactly as if only the first n anchors
     existed: the running top-k is snapshotted when the stream reaches n.
+    With ``centre=True`` every count is centred on the same vectors, the
+    means of all max(anchor_counts) anchors (one model, seen through fewer
+    of its anchors); a pair of vectors (image [d1], text [d2]) is used as given.
 
     Args:
         anchor_images [N, d1], anchor_texts [N, d2]: coupled anchors.
@@ -663,13 +738,14 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     """
     k, ps, compute, counts, jobs = _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes,
                                                  anchor_counts, exponents, non_zeros, reduce, block_size, device,
-                                                 dtype, memory_budget, progress, first_pass, return_scores)
+                                                 dtype, memory_budget, progress, first_pass, return_scores, centre)
     img_tops, txt_tops = _stream(jobs, k, counts, compute)
     return _sweep_rows(counts, img_tops, txt_tops, ps, k, n_classes, reduce, labels, return_scores)
 
 
 def _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes, anchor_counts, exponents,
-                  non_zeros, reduce, block_size, device, dtype, memory_budget, progress, first_pass, return_scores):
+                  non_zeros, reduce, block_size, device, dtype, memory_budget, progress, first_pass, return_scores,
+                  centre=False):
     """Check a sweep's inputs -> (k, exponents, Compute, counts, the two StreamJobs).
 
     Shared by ``sweep`` and the distributed sweep (asif.distributed), so both
@@ -691,8 +767,11 @@ def _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classe
     elif not return_scores:
         raise ASIFInputError("labels: required to compute accuracy (or pass return_scores=True)")
     counts = _check_counts(_shape(anchor_images)[0], anchor_counts)
-    jobs = [StreamJob(anchor_images, "anchor_images", _normalized_block(images, compute, "images", 0)),
-            StreamJob(anchor_texts, "anchor_texts", _normalized_block(prompts, compute, "prompts", 0))]
+    ci, ct = _centres(centre, anchor_images, anchor_texts, counts[-1])
+    jobs = [StreamJob(anchor_images, "anchor_images", _normalized_block(images, compute, "images", 0, centre=ci),
+                      centre=ci),
+            StreamJob(anchor_texts, "anchor_texts", _normalized_block(prompts, compute, "prompts", 0, centre=ct),
+                      centre=ct)]
     return k, ps, compute, counts, jobs
 
 
@@ -769,13 +848,15 @@ class ASIF:
 
     anchor_images [N, d1] and anchor_texts [N, d2] (arrays or memmaps), row i
     of both from the same image-caption pair. Updating the model means
-    adding or removing pairs: only new anchors need encoding.
+    adding or removing pairs: only new anchors need encoding. ``centre=True``
+    centres both modalities on their anchors' mean (``anchor_centre``),
+    recomputed when the anchors change; False is the paper's method.
     """
 
     def __init__(self, anchor_images, anchor_texts, non_zeros: int = 800, exponent: float = 8.0, *,
                  captions: Sequence[str] | None = None, device="auto", dtype=None,
                  block_size: int | None = None, memory_budget: int | None = None, meta: dict | None = None,
-                 first_pass: str = "fp32"):
+                 first_pass: str = "fp32", centre: bool = False):
         check_anchors(anchor_images, anchor_texts, full_scan=_is_in_memory(anchor_images))
         self.anchor_images, self.anchor_texts = anchor_images, anchor_texts
         self.non_zeros, self.exponent = _check_k(non_zeros), _check_exponent(exponent)
@@ -784,6 +865,19 @@ class ASIF:
         self.captions = list(captions) if captions is not None else None
         self.compute = Compute.of(device, dtype, block_size, memory_budget, first_pass=first_pass)
         self.meta = dict(meta or {})
+        if not isinstance(centre, (bool, np.bool_)):
+            raise ASIFInputError(f"centre={centre!r}: use True (centre on the anchors' mean) or False")
+        self.centre = bool(centre)
+        if self.centre and self.n_anchors < 2:
+            raise ASIFInputError("centre=True needs at least 2 anchors; add pairs or use centre=False")
+        self._centre_vectors = None  # (image [d1], text [d2]), computed on first use
+
+    @property
+    def centres(self) -> tuple:
+        """(image centre [d1], text centre [d2]) when ``centre``, else (None, None)."""
+        if self.centre and self._centre_vectors is None:
+            self._centre_vectors = _centres(True, self.anchor_images, self.anchor_texts, self.n_anchors)
+        return self._centre_vectors if self.centre else (None, None)
 
     @property
     def n_anchors(self) -> int:
@@ -791,7 +885,8 @@ class ASIF:
 
     def _represent(self, x, anchors, name, anchor_name) -> RelativeRepresentation:
         check_embeddings(x, name, dim=_shape(anchors)[1], full_scan=False, against=anchor_name)
-        job = StreamJob(anchors, anchor_name, _normalized_block(x, self.compute, name, 0))
+        c = self.centres[0 if anchor_name == "anchor_images" else 1]
+        job = StreamJob(anchors, anchor_name, _normalized_block(x, self.compute, name, 0, centre=c), centre=c)
         top, = _stream([job], self.non_zeros, [self.n_anchors], self.compute)[0]
         return sharpen(top, self.exponent)
 
@@ -847,6 +942,7 @@ class ASIF:
         self.anchor_texts = grown(self.anchor_texts, anchor_texts)
         if captions is not None:
             self.captions.extend(captions)
+        self._centre_vectors = None
         return self
 
     def remove_anchors(self, indices: Sequence[int]) -> "ASIF":
@@ -854,14 +950,16 @@ class ASIF:
         idx = np.unique(np.asarray(indices, dtype=np.int64))
         if idx.size and (idx[0] < 0 or idx[-1] >= self.n_anchors):
             raise ASIFInputError(f"remove_anchors: indices must lie in 0..{self.n_anchors - 1}")
-        if idx.size >= self.n_anchors:
-            raise ASIFInputError("remove_anchors: this would remove every anchor; keep at least one pair")
+        if idx.size >= self.n_anchors - (1 if self.centre else 0):
+            raise ASIFInputError("remove_anchors: this would remove every anchor; keep at least one pair "
+                                 "(two with centre=True)")
         keep = np.ones(self.n_anchors, dtype=bool)
         keep[idx] = False
         self.anchor_images = np.asarray(self.anchor_images)[keep]
         self.anchor_texts = np.asarray(self.anchor_texts)[keep]
         if self.captions is not None:
             self.captions = [c for c, kept in zip(self.captions, keep) if kept]
+        self._centre_vectors = None
         return self
 
     def save(self, folder) -> None:
@@ -876,7 +974,7 @@ class ASIF:
                                        captions=self.captions)
             storage.atomic_write_json(tmp / "manifest.json", {
                 "format": ANCHOR_SET_FORMAT, "count": self.n_anchors,
-                "non_zeros": self.non_zeros, "exponent": self.exponent,
+                "non_zeros": self.non_zeros, "exponent": self.exponent, "centre": self.centre,
                 **{k: v for k, v in self.meta.items() if k not in ("image", "text")}})
 
     @classmethod
@@ -891,9 +989,11 @@ class ASIF:
             raise ASIFInputError(f"{folder}: manifest.json is not that of an anchor set ({ANCHOR_SET_FORMAT!r})")
         img = storage.load_embedding_set(folder / "image", verify)
         txt = storage.load_embedding_set(folder / "text", verify)
-        params = {"non_zeros": manifest["non_zeros"], "exponent": manifest["exponent"], **kwargs}
+        # anchor sets saved before centring existed are the paper's method
+        params = {"non_zeros": manifest["non_zeros"], "exponent": manifest["exponent"],
+                  "centre": bool(manifest.get("centre", False)), **kwargs}
         layout = ("format", "count", "dim", "dtype", "shards")
-        meta = {k: v for k, v in manifest.items() if k not in ("format", "count", "non_zeros", "exponent")}
+        meta = {k: v for k, v in manifest.items() if k not in ("format", "count", "non_zeros", "exponent", "centre")}
         meta["image"] = {k: v for k, v in img.manifest.items() if k not in layout}
         meta["text"] = {k: v for k, v in txt.manifest.items() if k not in layout}
         return cls(img.array, txt.array, captions=txt.captions, meta=meta, **params)

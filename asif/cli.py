@@ -184,7 +184,8 @@ def cmd_sweep(args) -> int:
     try:
         rows = run(ai, at, x, y, p, args.n_classes, anchor_counts=args.anchor_counts, exponents=args.exponents,
                    non_zeros=args.non_zeros, reduce=args.reduce, device=args.device, dtype=args.dtype,
-                   block_size=args.block_size, progress=not args.quiet, first_pass=args.first_pass, **extra)
+                   block_size=args.block_size, progress=not args.quiet, first_pass=args.first_pass,
+                   centre=args.centre, **extra)
     except ASIFInputError as e:
         raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "labels", "prompts")) from None
     wall = time.perf_counter() - start
@@ -195,7 +196,7 @@ def cmd_sweep(args) -> int:
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
                   "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
-                  "first_pass": args.first_pass, "engine": args.engine,
+                  "first_pass": args.first_pass, "engine": args.engine, "centre": args.centre,
                   "chance": 1 / args.n_classes, "majority_class_rate": majority_class_rate(y),
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
         atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
@@ -213,7 +214,8 @@ def cmd_similarity(args) -> int:
         _check_out(args.out, "--out", 4 * x.shape[0] * t.shape[0] + 128)
     try:
         model = ac.ASIF(ai, at, non_zeros=args.non_zeros, exponent=args.exponent, device=args.device,
-                        dtype=args.dtype, block_size=args.block_size, first_pass=args.first_pass)
+                        dtype=args.dtype, block_size=args.block_size, first_pass=args.first_pass,
+                        centre=args.centre)
         s = model.similarity(x, t)
     except ASIFInputError as e:
         raise _blame(e, _stream_names(args, "anchor_images", "anchor_texts", "images", "texts")) from None
@@ -233,6 +235,9 @@ def _add_stream_options(p) -> None:
                    help="fp32: plain float32 products; bf16 (CPU): candidates from bfloat16 products, every kept "
                         "value recomputed exactly, the same top-k as float64 rounded to float32; faster only where "
                         "similarities are spread out (benchmarks/README.md)")
+    p.add_argument("--centre", action="store_true",
+                   help="centre each modality on its anchors' mean before the cosines (the default of `asif eval` "
+                        "and the notebooks; off here: the paper's method on your arrays)")
 
 
 def _add_engine_options(p, shards_help: str | None = None) -> None:
@@ -513,7 +518,7 @@ def cmd_eval(args) -> int:
     choice = pipeline.Choice(image_encoder=args.image_encoder, text_encoder=args.text_encoder,
                              dataset=args.dataset, anchor_set=args.anchors, non_zeros=args.non_zeros,
                              exponents=list(args.exponents), classnames=_names_or_file(args.classnames, "--classnames"),
-                             templates=_names_or_file(args.templates, "--templates"))
+                             templates=_names_or_file(args.templates, "--templates"), centre=args.centre)
     prepared = pipeline.prepare(choice, progress=not args.quiet, limit=args.limit, anchor_limit=args.anchor_limit,
                                 split=args.split, device=args.device)
     run = pipeline.run_zero_shot(prepared, exponents=args.exponents, non_zeros=args.non_zeros, reduce=args.reduce,
@@ -747,7 +752,7 @@ def cmd_report(args) -> int:
 
 
 def _add_run_commands(sub) -> None:
-    from asif.config import DEFAULT_ANCHORS, DEFAULT_DATASET
+    from asif.config import DEFAULT_ANCHORS, DEFAULT_CENTRE, DEFAULT_DATASET
     p = sub.add_parser("embed-anchors", help="embed an anchor set's images and captions into the cache, here or "
                                              "on a Ray cluster (--engine ray)")
     p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="SET",
@@ -816,6 +821,10 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--reduce", choices=["max", "mean"], default="max",
                    help="a class's score: its best template (max, the paper's code) or its prompts' mean "
                         "(mean, CLIP's prompt ensemble)")
+    p.add_argument("--centre", action=argparse.BooleanOptionalAction, default=DEFAULT_CENTRE,
+                   help="centre each modality on its anchors' mean before the cosines, which keeps a few hub "
+                        "anchors out of every top-k (default: on, chosen on validation data, "
+                        "docs/default_anchors.md); --no-centre is the paper's method as published")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="a seeded random subset of N test images, and the first N anchors unless --anchor-limit "
                         "(default: all; ASIF_SMOKE=1 gives 200)")

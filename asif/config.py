@@ -16,6 +16,7 @@ PROJECT_ROOT = PACKAGE_DIR.parent        # the checkout, when the package is use
 SMOKE_SIZE = 200
 DEFAULT_ANCHORS = "iconify+clipart+tuxpaint"   # every offline general source (docs/default_anchors.md)
 DEFAULT_DATASET = "tuxpaint-photos"            # natural photo cut-outs, held out of the anchors
+DEFAULT_CENTRE = True   # centre each modality on its anchors' mean (chosen on validation data, docs/default_anchors.md)
 
 
 def numba_module():

@@ -268,7 +268,7 @@ def _rows(source, start: int, stop: int):
 
 
 def _shard_tops(anchor_images, anchor_texts, start: int, stop: int, local_counts: list[int], queries, k: int,
-                compute_args: dict, threads: int):
+                compute_args: dict, threads: int, centres=(None, None)):
     """On a worker: the core's stream over anchors [start, stop), top-k at each local count.
 
     Returns, per modality (images, prompts), one (values, global indices)
@@ -279,11 +279,12 @@ def _shard_tops(anchor_images, anchor_texts, start: int, stop: int, local_counts
     if threads:
         torch.set_num_threads(threads)
     images, prompts = queries
+    ci, ct = centres  # the driver's, from all the anchors: every shard centres on the same vectors
     compute = ac.Compute.of(**compute_args)
     jobs = [ac.StreamJob(_rows(anchor_images, start, stop), "anchor_images",
-                         ac._normalized_block(images, compute, "images", 0), start),
+                         ac._normalized_block(images, compute, "images", 0, centre=ci), start, ci),
             ac.StreamJob(_rows(anchor_texts, start, stop), "anchor_texts",
-                         ac._normalized_block(prompts, compute, "prompts", 0), start)]
+                         ac._normalized_block(prompts, compute, "prompts", 0, centre=ct), start, ct)]
     tops = ac._stream(jobs, k, local_counts, compute)
     return [[(t.values.cpu().numpy(), t.indices.cpu().numpy() + start) for t in job] for job in tops]
 
@@ -304,7 +305,7 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
           anchor_counts: Sequence[int] | None = None, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
           reduce: str = "max", block_size: int | None = None, device="cpu", dtype=None,
           memory_budget: int | None = None, progress: bool = False, return_scores: bool = False,
-          first_pass: str = "fp32", address: str | None = None, shards: int | None = None,
+          first_pass: str = "fp32", centre=False, address: str | None = None, shards: int | None = None,
           cpus_per_worker: int | None = None, num_cpus: int | None = None) -> list[dict]:
     """``asif_core.sweep`` with the anchors split over a Ray cluster: the same rows, the same numbers.
 
@@ -321,11 +322,12 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     import torch
     import asif_core as ac
     # Inputs are checked here, by the core's own checks (a CPU-side pass on the driver).
-    k, ps, _, counts, _ = ac._sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes,
-                                           anchor_counts, exponents, non_zeros, reduce, block_size, "cpu",
-                                           None if str(device).startswith("cuda") else dtype, memory_budget,
-                                           False, first_pass if not str(device).startswith("cuda") else "fp32",
-                                           return_scores)
+    k, ps, _, counts, jobs = ac._sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes,
+                                              anchor_counts, exponents, non_zeros, reduce, block_size, "cpu",
+                                              None if str(device).startswith("cuda") else dtype, memory_budget,
+                                              False, first_pass if not str(device).startswith("cuda") else "fp32",
+                                              return_scores, centre)
+    centres = (jobs[0].centre, jobs[1].centre)
     ray = connect(address, num_cpus)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     smallest = min((int(r.get("CPU", 1)) for r in nodes), default=1)
@@ -345,8 +347,8 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     ship_img, ship_txt = shipped(anchor_images), shipped(anchor_texts)
     queries = ray.put((_as_numpy(images), _as_numpy(prompts)))
     task = ray.remote(_shard_tops).options(num_cpus=per, num_gpus=1 if gpu else 0, max_retries=3)
-    refs = [task.remote(ship_img(s, e), ship_txt(s, e), s, e, local, queries, k, compute_args, 0 if gpu else per)
-            for s, e, local in plan]
+    refs = [task.remote(ship_img(s, e), ship_txt(s, e), s, e, local, queries, k, compute_args, 0 if gpu else per,
+                        centres) for s, e, local in plan]
     results = [None] * len(refs)
     where = {r: j for j, r in enumerate(refs)}
     try:

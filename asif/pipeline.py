@@ -22,7 +22,7 @@ import numpy as np
 import asif_core
 from asif import mixture, registry, storage
 from asif.cache import AnchorEmbeddings, EvalEmbeddings, encoder_of, load_anchor_embeddings, load_eval_embeddings
-from asif.config import DEFAULT_ANCHORS, DEFAULT_DATASET, cache_root, progress_bar
+from asif.config import DEFAULT_ANCHORS, DEFAULT_CENTRE, DEFAULT_DATASET, cache_root, progress_bar
 from asif.datasets import load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, list_encoders
 from asif.errors import ASIFInputError
@@ -52,6 +52,7 @@ class Choice:
     classnames: list | None = None  # the dataset's class names in label order, in place of its own
     templates: list | None = None   # prompt templates with {c}, in place of the dataset's own
     mixing: str = "union"           # how anchor sources are combined (asif.mixture.RULES)
+    centre: bool = DEFAULT_CENTRE   # centre each modality on its anchors' mean (asif_core.anchor_centre)
 
     @property
     def model_name(self) -> str:
@@ -169,10 +170,11 @@ def prepare(choice: Choice, progress: bool = True, limit: int | None = None, anc
     return Prepared(choice, evals, anchors, image_encoder, text_encoder)
 
 
-def build_model(anchors: AnchorEmbeddings, non_zeros: int = 800, exponent: float = 8.0, device="auto") -> asif_core.ASIF:
-    """An ASIF model over aligned anchor embeddings, with their captions."""
+def build_model(anchors: AnchorEmbeddings, non_zeros: int = 800, exponent: float = 8.0, device="auto",
+                centre: bool = DEFAULT_CENTRE) -> asif_core.ASIF:
+    """An ASIF model over aligned anchor embeddings, with their captions (``centre``: see ``Choice``)."""
     return asif_core.ASIF(anchors.A_img, anchors.A_txt, non_zeros, exponent, captions=anchors.captions,
-                          device=device)
+                          device=device, centre=centre)
 
 
 # ---------------------------------------------------------------------------
@@ -234,14 +236,17 @@ class ZeroShotRun:
 
 def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
                   reduce: str = "max", anchor_counts: Sequence[int] | None = None, device="auto",
-                  progress: bool = True, params: dict | None = None, mixing: str | None = None) -> ZeroShotRun:
+                  progress: bool = True, params: dict | None = None, mixing: str | None = None,
+                  centre: bool | None = None) -> ZeroShotRun:
     """Accuracy for every (anchor count, exponent) in one pass, as clip_benchmark JSON.
 
     ``anchor_counts`` default: powers of two up to all anchors. ``mixing``
     (default: the choice's): how the anchor set's sources combine
-    (asif.mixture; ``union`` is asif_core.sweep itself). ``params`` adds to
-    the JSON's parameters (which already name the encoders, data, k, p,
-    counts, reduce, mixing, chance, majority rate and what was dropped).
+    (asif.mixture; ``union`` is asif_core.sweep itself). ``centre``
+    (default: the choice's): centre each modality on the mean of all the
+    anchors of the run. ``params`` adds to the JSON's parameters (which
+    already name the encoders, data, k, p, counts, reduce, mixing, centring,
+    chance, majority rate and what was dropped).
     """
     evals, anchors, choice = prepared.evals, prepared.anchors, prepared.choice
     counts = list(anchor_counts or default_anchor_counts(len(anchors)))
@@ -249,12 +254,13 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
         raise ASIFInputError(f"anchor_counts: the anchor set {choice.anchor_set} has {len(anchors)} pairs, "
                              f"asked for {max(counts)}")
     mixing = mixing or choice.mixing
+    centre = choice.centre if centre is None else bool(centre)
     n_classes = len(evals.classnames)
     start = time.perf_counter()
     if mixing != "union" and len(anchors.source_names) > 1:
         by = mixture.mixture_scores(anchors.A_img, anchors.A_txt, anchors.sources, evals.images, evals.prompts,
                                     n_classes, anchor_counts=counts, exponents=exponents, non_zeros=non_zeros,
-                                    reduce=reduce, rule=mixing, device=device)
+                                    reduce=reduce, rule=mixing, device=device, centre=centre)
         rows = mixture.rows_from_scores(by, evals.labels, exponents, non_zeros, reduce, mixing)
         top = headline_row(rows)
         scores = by[(top["n_anchors"], top["exponent"])]
@@ -262,7 +268,7 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
         keep_scores = 4 * len(evals.labels) * n_classes * len(counts) * len(exponents) <= SCORES_BUDGET
         rows = asif_core.sweep(anchors.A_img, anchors.A_txt, evals.images, evals.labels, evals.prompts, n_classes,
                                anchor_counts=counts, exponents=exponents, non_zeros=non_zeros, reduce=reduce,
-                               device=device, progress=progress, return_scores=keep_scores)
+                               device=device, progress=progress, return_scores=keep_scores, centre=centre)
         top = headline_row(rows)
         if keep_scores:
             scores = top["scores"]
@@ -272,12 +278,14 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
             n = top["n_anchors"]
             scores = asif_core.classify(anchors.A_img[:n], anchors.A_txt[:n], evals.images, evals.prompts,
                                         n_classes, non_zeros=non_zeros, exponent=top["exponent"], reduce=reduce,
-                                        device=device)
+                                        device=device, centre=centre)
     wall = time.perf_counter() - start
+    for r in rows:
+        r["centre"] = centre
     confusion = confusion_matrix(scores, evals.labels)
     recall = per_class_recall(confusion)
     info = {"non_zeros": non_zeros, "exponents": [float(p) for p in exponents], "anchor_counts": counts,
-            "reduce": reduce, "mixing": mixing, "sources": anchors.source_names,
+            "reduce": reduce, "mixing": mixing, "centre": centre, "sources": anchors.source_names,
             "image_encoder": choice.image_encoder, "text_encoder": choice.text_encoder,
             "anchor_set": choice.anchor_set, "split": evals.dataset.identity.get("split", "test"),
             "n_test": int(len(evals.labels)), "chance": prepared.chance,

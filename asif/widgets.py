@@ -63,6 +63,9 @@ def choice_widgets(choice: Choice | None = None, on_change: Callable[[Choice], N
                                  style=style, layout=w.Layout(width="260px"))
     exponents = w.Text(value=", ".join(f"{p:g}" for p in choice.exponents), description="exponents (p)",
                        style=style, layout=w.Layout(width="360px"), continuous_update=False)
+    centre = w.Checkbox(value=bool(choice.centre), description="centre on the anchors' mean", indent=False,
+                        layout=w.Layout(width="260px"),
+                        tooltip="off: the paper's method as published (docs/default_anchors.md)")
     status = w.HTML()
 
     def show_folder():
@@ -76,6 +79,7 @@ def choice_widgets(choice: Choice | None = None, on_change: Callable[[Choice], N
                 raise ASIFInputError("imagefolder: type the folder's path in the box below the dropdowns")
             new = dict(dataset=f"{kind}:{path}" if path and kind in FOLDER_DATASETS else kind,
                        non_zeros=int(non_zeros.value), exponents=parse_exponents(exponents.value),
+                       centre=bool(centre.value),
                        **{k: (b.value or None) if k == "precomputed" else b.value
                           for k, b in boxes.items() if k != "dataset"})
         except ASIFInputError as e:
@@ -89,7 +93,7 @@ def choice_widgets(choice: Choice | None = None, on_change: Callable[[Choice], N
         if on_change:
             on_change(choice)
 
-    for box in [*boxes.values(), folder, non_zeros, exponents]:
+    for box in [*boxes.values(), folder, non_zeros, exponents, centre]:
         box.observe(changed, names="value")
     show_folder()
     rows = list(boxes.values())
@@ -97,7 +101,7 @@ def choice_widgets(choice: Choice | None = None, on_change: Callable[[Choice], N
     if "precomputed" not in boxes:
         rows.append(w.HTML("<small>precomputed embeddings: none in the registry yet (<code>asif publish</code> "
                            "adds a set); everything is embedded here</small>"))
-    return w.VBox(rows + [w.HBox([non_zeros, exponents]), status])
+    return w.VBox(rows + [w.HBox([non_zeros, exponents, centre]), status])
 
 
 def wrap(text: str, width: int, lines: int = 3) -> str:
@@ -152,6 +156,9 @@ def plot_accuracy_vs_anchors(rows: Sequence[dict], chance: float, clip_acc: floa
         if values:
             params.append(f"{name} = {', '.join(values)}")
     params.insert(min(1, len(params)), "p = " + ", ".join(f"{p:g}" for p in exponents))
+    centred = {r["centre"] for r in rows if "centre" in r}
+    if centred:
+        params.append("centred" if centred == {True} else "not centred" if centred == {False} else "centred or not")
     ax.set_title("\n".join(t for t in (wrap(title, 70, 2), "   ".join(params)) if t), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -9,6 +9,9 @@ each held-out group; those pairs leave the anchors). Scores every mixing rule
 of asif/mixture.py and every source alone, then applies the rule: the
 highest worst regret against the best single source, ties (0.5 points) to
 the simpler rule. k = 800, p = 8, reduce = max throughout.
+
+--centre runs the second round instead: union mixing with no centring, or
+centring the image side, the text side or both on the anchors' mean.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import asif_core as ac
 from asif import cache, datasets, mixture
 from asif.anchors import load_anchor_set
 from asif.encoders import load_image_encoder, load_text_encoder
@@ -27,6 +31,13 @@ from asif.metrics import retrieval_metrics
 SOURCES = ("iconify", "clipart", "tuxpaint")
 HELD_OUT = {"clipart": 500, "tuxpaint": 250, "iconify": 500}
 TIE = 0.005
+CENTRINGS = ("none", "image", "text", "both")
+
+
+def centring(anchors):
+    """x -> its unit rows minus the anchors' centre (asif_core.anchor_centre); the core normalises again."""
+    mean = ac.anchor_centre(anchors)
+    return lambda x: np.asarray(x, dtype=np.float64) / np.linalg.norm(x, axis=1, keepdims=True) - mean
 
 
 def held_out_rows(anchor_set, test_keys: set, seed: int = 0) -> dict:
@@ -46,6 +57,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--non-zeros", type=int, default=800)
     ap.add_argument("--exponent", type=float, default=8.0)
+    ap.add_argument("--centre", action="store_true",
+                    help="second round: score the centring candidates (none/image/text/both) with union mixing")
     args = ap.parse_args()
     start = time.perf_counter()
     img_enc, txt_enc = load_image_encoder(), load_text_encoder()
@@ -61,20 +74,27 @@ def main():
     v1 = cache.load_eval_embeddings("fashion-mnist", img_enc, txt_enc, split="train", limit=2000, progress=True)
     common = dict(exponents=[args.exponent], non_zeros=args.non_zeros, reduce="max")
 
-    def score(rule: str, only: int | None) -> dict:
+    def score(rule: str, only: int | None, centre: str = "none") -> dict:
         a_i, a_t, s = (A_img, A_txt, src) if only is None else (A_img[src == only], A_txt[src == only],
                                                               src[src == only])
+        # the centring candidates of the second round: the means come from the anchors in use only
+        fi = centring(a_i) if centre in ("image", "both") else (lambda x: x)
+        ft = centring(a_t) if centre in ("text", "both") else (lambda x: x)
+        a_i, a_t = fi(a_i), ft(a_t)
         out = {}
-        sc = mixture.mixture_scores(a_i, a_t, s, v1.images, v1.prompts, len(v1.classnames), rule=rule, **common)
+        sc = mixture.mixture_scores(a_i, a_t, s, fi(v1.images), ft(v1.prompts), len(v1.classnames), rule=rule,
+                                    **common)
         out["V1 fashion-mnist-train top-1"] = float((next(iter(sc.values())).argmax(1) == v1.labels).mean())
         for name, v in (("clipart", "V2"), ("tuxpaint", "V3"), ("iconify", "V4")):
             rows = held_rows[name]
-            sims = mixture.mixture_scores(a_i, a_t, s, union.A_img[rows], union.A_txt[rows], len(rows),
+            sims = mixture.mixture_scores(a_i, a_t, s, fi(union.A_img[rows]), ft(union.A_txt[rows]), len(rows),
                                           rule=rule, **common)
             sim = next(iter(sims.values()))
             out[f"{v} {name} pairs R@5"] = retrieval_metrics(sim, np.arange(len(rows)), ks=(5,))["text_retrieval_recall@5"]
         return out
 
+    if args.centre:
+        return centre_round(args, score, start)
     names = [p.name for p in aset.parts]
     table = {f"{n} alone": score("union", i) for i, n in enumerate(names)}
     for rule in mixture.RULES:
@@ -97,6 +117,24 @@ def main():
                                                "held_out": {k: int(len(v)) for k, v in held_rows.items()},
                                                "non_zeros": args.non_zeros, "exponent": args.exponent},
                                               indent=2) + "\n")
+
+
+def centre_round(args, score, start: float) -> None:
+    """The second round of docs/default_anchors.md: centring candidates against ``none``, union mixing."""
+    table = {c: score("union", None, centre=c) for c in CENTRINGS}
+    domains = list(table["none"])
+    gain = {c: {d: table[c][d] - table["none"][d] for d in domains} for c in CENTRINGS[1:]}
+    admissible = [c for c, g in gain.items() if min(g.values()) >= -TIE and max(g.values()) > TIE]
+    chosen = max(admissible, key=lambda c: np.mean(list(gain[c].values()))) if admissible else "none"
+    width = max(map(len, table))
+    print(f"{'centre':{width}}  " + "  ".join(f"{d:>28}" for d in domains))
+    for k, row in table.items():
+        print(f"{k:{width}}  " + "  ".join(f"{100 * row[d]:27.1f}%" for d in domains))
+    print("admissible:", admissible, " chosen:", chosen, f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scores": table, "gain": gain, "admissible": admissible,
+                                               "chosen": chosen, "non_zeros": args.non_zeros,
+                                               "exponent": args.exponent}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

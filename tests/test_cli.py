@@ -150,7 +150,8 @@ def test_eval_then_report(tmp_path, monkeypatch):
     ev = load_eval_embeddings("fashion-mnist", limit=60, progress=False)
     an = load_anchor_embeddings("clipart", limit=90, progress=False)
     rows = ac.sweep(an.A_img, an.A_txt, ev.images, ev.labels, ev.prompts, 10, anchor_counts=[30, 90],
-                    exponents=[8, 3], non_zeros=50)
+                    exponents=[8, 3], non_zeros=50, centre=True)  # asif eval centres by default
+    assert res["params"]["centre"] is True
     assert [r["metrics"]["acc1"] for r in res["results"]] == [r["acc1"] for r in rows]
 
     assert res["metrics"]["acc1"] == rows[2]["acc1"], "the headline: 90 anchors, p = 8"

@@ -337,3 +337,102 @@ def test_big_endian_arrays_give_the_same_answer(tmp_path, tiny):
     for w, g in zip(want, got):
         np.testing.assert_array_equal(w["scores"], g["scores"])
         assert w["acc1"] == g["acc1"]
+
+
+# --- centring on the anchors' mean
+
+def hubby(seed=7, n=150, q=30, classes=5, templates=3):
+    """Coupled data whose image side shares one large direction (non-negative, like pooled CNN features)."""
+    d = synthetic_coupled_data(n_anchors=n, n_classes=classes, n_templates=templates, n_images=q, image_dim=12,
+                               text_dim=7, latent_dim=5, noise=1.2, seed=seed, dtype=np.float64)
+    for key in ("anchor_images", "images"):
+        d[key] = np.abs(d[key]) + 0.5
+    return d
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("first_pass", ["fp32", "bf16"])
+def test_centred_scores_match_the_float64_reference(reduce, first_pass):
+    d = hubby()
+    args = (d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 5)
+    want = reference.class_scores(*args, k=20, p=8, reduce=reduce, centre=True)
+    assert np.abs(want - reference.class_scores(*args, k=20, p=8, reduce=reduce)).max() > 0.05  # it does something
+    got64 = ac.classify(*args, non_zeros=20, exponent=8, reduce=reduce, centre=True, device="cpu", dtype="float64")
+    np.testing.assert_allclose(got64, want, atol=1e-12)
+    ai, at = (d[k].astype(np.float32) for k in ("anchor_images", "anchor_texts"))
+    got32 = ac.classify(ai, at, d["images"], d["prompts"], 5, non_zeros=20, exponent=8, reduce=reduce, centre=True,
+                        device="cpu", first_pass=first_pass, block_size=16)
+    np.testing.assert_allclose(got32, want, atol=2e-5)
+    model = ac.ASIF(ai, at, 20, 8, centre=True, block_size=16)
+    np.testing.assert_allclose(model.classify(d["images"], d["prompts"], 5, reduce), got32, atol=1e-6)
+
+
+def test_centring_a_sweep_uses_the_whole_set_for_every_count():
+    d = hubby()
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 5,
+                    anchor_counts=[40, 150], non_zeros=20, centre=True, device="cpu", dtype="float64",
+                    return_scores=True)
+    ci, ct = reference.centre_of(d["anchor_images"]), reference.centre_of(d["anchor_texts"])
+    rx = reference.relative_representation(d["images"], d["anchor_images"][:40], 20, 8, ci)
+    rt = reference.relative_representation(d["prompts"], d["anchor_texts"][:40], 20, 8, ct)
+    np.testing.assert_allclose(rows[0]["scores"], (rx @ rt.T).reshape(30, 5, 3).max(2), atol=1e-12)
+    # explicit centres are used as given: those of the first 40 anchors give the 40-anchor model exactly
+    mine = (reference.centre_of(d["anchor_images"][:40]), reference.centre_of(d["anchor_texts"][:40]))
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 5,
+                    anchor_counts=[40], non_zeros=20, centre=mine, device="cpu", dtype="float64", return_scores=True)
+    np.testing.assert_allclose(rows[0]["scores"], ac.ASIF(d["anchor_images"][:40], d["anchor_texts"][:40], 20,
+                                                          centre=True, dtype="float64").classify(
+        d["images"], d["prompts"], 5), atol=1e-12)
+
+
+def test_anchor_centre_streams_a_memmap_and_names_bad_rows(tmp_path):
+    d = hubby()
+    np.save(tmp_path / "a.npy", d["anchor_images"].astype(np.float32))
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    np.testing.assert_allclose(ac.anchor_centre(mm, block=7), reference.centre_of(mm), atol=1e-12)
+    np.testing.assert_allclose(ac.anchor_centre(mm, 40, block=7), reference.centre_of(mm[:40]), atol=1e-12)
+    bad = d["anchor_images"].copy()
+    bad[77, 3] = np.nan
+    with pytest.raises(ac.ASIFInputError, match="row 77"):
+        ac.anchor_centre(bad, block=10)
+
+
+def test_centred_model_updates_saves_and_loads(tmp_path):
+    d = hubby()
+    ai, at, x, t = d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"]
+    grown = ac.ASIF(ai[:60], at[:60], 12, 3, dtype="float64", centre=True)
+    before = grown.similarity(x, t)
+    grown.add_anchors(ai[60:], at[60:])  # the centre follows the anchors
+    full = ac.ASIF(ai, at, 12, 3, dtype="float64", centre=True)
+    np.testing.assert_allclose(grown.similarity(x, t), full.similarity(x, t), atol=0)
+    assert np.abs(before - grown.similarity(x, t)[:, :]).max() > 0
+    drop = [0, 5, 50, 149]
+    keep = np.setdiff1d(np.arange(150), drop)
+    np.testing.assert_allclose(full.remove_anchors(drop).similarity(x, t),
+                               ac.ASIF(ai[keep], at[keep], 12, 3, dtype="float64", centre=True).similarity(x, t), atol=0)
+    full.save(tmp_path / "set")
+    back = ac.ASIF.load(tmp_path / "set", dtype="float64")
+    assert back.centre is True
+    np.testing.assert_allclose(back.similarity(x, t), full.similarity(x, t), atol=1e-12)
+    # an anchor set saved before centring existed has no "centre": the paper's method
+    manifest = storage.read_json(tmp_path / "set" / "manifest.json")
+    del manifest["centre"]
+    storage.atomic_write_json(tmp_path / "set" / "manifest.json", manifest)
+    assert ac.ASIF.load(tmp_path / "set").centre is False
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda d: ac.ASIF(d["anchor_images"][:1], d["anchor_texts"][:1], 5, centre=True), "at least 2 anchors"),
+    (lambda d: ac.ASIF(d["anchor_images"], d["anchor_texts"], 5, centre="yes"), "centre='yes'"),
+    (lambda d: ac.ASIF(d["anchor_images"][:3], d["anchor_texts"][:3], 5, centre=True).remove_anchors([0, 1]),
+     "two with centre=True"),
+    (lambda d: ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 5,
+                           centre=(np.zeros(11), np.zeros(7))), r"shape \(12,\)"),
+    (lambda d: ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 5,
+                           centre=(np.full(12, np.nan), np.zeros(7))), "finite vector"),
+    (lambda d: ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 5,
+                           centre=np.zeros(12)), "a pair"),
+])
+def test_bad_centre_is_named(call, match):
+    with pytest.raises(ac.ASIFInputError, match=match):
+        call(hubby())

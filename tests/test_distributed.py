@@ -91,7 +91,7 @@ def test_ray_sweep_reads_npy_anchors_by_path_and_names_bad_rows_globally(cluster
     assert D._npy_source(ai) == str(tmp_path / "ai.npy")
     assert D._npy_source(ai[10:]) is None  # a view is shipped, never mistaken for the whole file
     args = (d["images"], d["labels"], d["prompts"], 5)
-    kw = dict(anchor_counts=[300, 1200], non_zeros=64, return_scores=True)
+    kw = dict(anchor_counts=[300, 1200], non_zeros=64, return_scores=True, centre=True)  # centres from the driver
     one = ac.sweep(ai, at, *args, device="cpu", **kw)
     spread = D.sweep(ai, at, *args, shards=4, cpus_per_worker=1, **kw)
     for a, b in zip(one, spread):

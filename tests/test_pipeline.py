@@ -47,15 +47,21 @@ def test_default_anchor_counts():
         pipeline.default_anchor_counts(0)
 
 
-def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_path):
+@pytest.mark.parametrize("centre", [True, False])
+def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_path, centre):
+    prepared.choice.centre = centre
     run = pipeline.run_zero_shot(prepared, exponents=[8, 1], non_zeros=10, anchor_counts=[20, 40], progress=False,
                                  params={"note": "x"})
     e, a = prepared.evals, prepared.anchors
     rows = ac.sweep(a.A_img, a.A_txt, e.images, e.labels, e.prompts, 3, anchor_counts=[20, 40], exponents=[8, 1],
-                    non_zeros=10)
-    assert [(r["n_anchors"], r["exponent"], r["acc1"]) for r in run.rows] == \
-        [(r["n_anchors"], r["exponent"], r["acc1"]) for r in rows]
-    assert run.chance == pytest.approx(1 / 3) and run.rows[-1]["acc1"] > 0.9  # the colours are easy
+                    non_zeros=10, centre=centre)
+    assert [(r["n_anchors"], r["exponent"], r["acc1"], r["centre"]) for r in run.rows] == \
+        [(r["n_anchors"], r["exponent"], r["acc1"], centre) for r in rows]
+    assert run.result["params"]["centre"] is centre
+    assert run.chance == pytest.approx(1 / 3)
+    # the colours are easy; centred, the fake text encoder's unrelated second template (a random vector)
+    # lands exactly on one colour's duplicated anchors and ties that class with the right one
+    assert run.rows[-1]["acc1"] > (0.6 if centre else 0.9)
     p = run.result["params"]
     assert p["anchor_counts"] == [20, 40] and p["n_test"] == 12 and p["note"] == "x"
     assert p["anchor_set"] == prepared.choice.anchor_set and p["chance"] == pytest.approx(1 / 3)
@@ -70,7 +76,7 @@ def test_run_zero_shot_is_the_core_sweep_as_clip_benchmark_json(prepared, tmp_pa
     classes = sorted(NAMES)  # an image folder's classes are its sorted subfolders
     assert p["classnames"] == classes and p["templates"] == e.templates and len(p["prompts"]) == 3 * len(e.templates)
     assert p["prompts"][0] == "a photo of a blue." and p["majority_class_rate"] == pytest.approx(1 / 3)
-    scores = ac.classify(a.A_img, a.A_txt, e.images, e.prompts, 3, non_zeros=10, exponent=8)
+    scores = ac.classify(a.A_img, a.A_txt, e.images, e.prompts, 3, non_zeros=10, exponent=8, centre=centre)
     truth = np.zeros((3, 3), dtype=int)
     np.add.at(truth, (e.labels, scores.argmax(1)), 1)
     assert run.confusion.tolist() == truth.tolist() and run.classnames == classes
@@ -124,7 +130,7 @@ def test_mixing_of_two_sources_goes_through_the_mixture(prepared, tmp_path, fake
     run = pipeline.run_zero_shot(two, non_zeros=6, anchor_counts=[20, 40], progress=False)
     e = prepared.evals
     want = mixture.mixture_sweep(anchors.A_img, anchors.A_txt, anchors.sources, e.images, e.labels, e.prompts, 3,
-                                 anchor_counts=[20, 40], non_zeros=6, rule="mean")
+                                 anchor_counts=[20, 40], non_zeros=6, rule="mean", centre=choice.centre)
     assert [r["acc1"] for r in run.rows] == [r["acc1"] for r in want]
     assert run.result["params"]["mixing"] == "mean" and len(run.result["params"]["sources"]) == 2
     union = pipeline.run_zero_shot(two, non_zeros=6, anchor_counts=[40], progress=False, mixing="union")
