@@ -236,8 +236,8 @@ def _add_stream_options(p) -> None:
                         "value recomputed exactly, the same top-k as float64 rounded to float32; faster only where "
                         "similarities are spread out (benchmarks/README.md)")
     p.add_argument("--centre", action="store_true",
-                   help="centre each modality on its anchors' mean before the cosines (the default of `asif eval` "
-                        "and the notebooks; off here: the paper's method on your arrays)")
+                   help="centre each modality on its anchors' mean before the cosines (default: off, the paper's "
+                        "method; see `asif eval --help`)")
 
 
 def _add_engine_options(p, shards_help: str | None = None) -> None:
@@ -823,8 +823,8 @@ def _add_run_commands(sub) -> None:
                         "(mean, CLIP's prompt ensemble)")
     p.add_argument("--centre", action=argparse.BooleanOptionalAction, default=DEFAULT_CENTRE,
                    help="centre each modality on its anchors' mean before the cosines, which keeps a few hub "
-                        "anchors out of every top-k (default: on, chosen on validation data, "
-                        "docs/default_anchors.md); --no-centre is the paper's method as published")
+                        "anchors out of every top-k (default: off, the paper's method; docs/default_anchors.md "
+                        "gives its figures: better on clip-art, worse on the TuxPaint photos)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="a seeded random subset of N test images, and the first N anchors unless --anchor-limit "
                         "(default: all; ASIF_SMOKE=1 gives 200)")

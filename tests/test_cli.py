@@ -11,6 +11,7 @@ import asif_core as ac
 from asif import cli
 from asif.cache import load_anchor_embeddings, load_eval_embeddings
 from asif.synthetic import synthetic_coupled_data
+from asif.config import DEFAULT_CENTRE
 from conftest import needs
 
 
@@ -83,6 +84,25 @@ def test_sweep_first_pass_bf16_gives_the_same_curve(files):
     assert [r["metrics"] for r in a["results"]] == [r["metrics"] for r in b["results"]]
 
 
+def test_sweep_and_similarity_centre_on_request(files):
+    d, p, tmp = files
+    plain, centred = tmp / "plain.json", tmp / "centred.json"
+    assert cli.main(sweep_args(p, plain)) == 0
+    assert cli.main(sweep_args(p, centred) + ["--centre"]) == 0
+    a, b = (json.loads(f.read_text()) for f in (plain, centred))
+    assert a["params"]["centre"] is False and b["params"]["centre"] is True
+    rows = ac.sweep(d["anchor_images"], d["anchor_texts"], d["images"], d["labels"], d["prompts"], 5,
+                    anchor_counts=[100, 300], exponents=[8, 3], non_zeros=30, centre=True, return_scores=True)
+    assert [r["metrics"]["acc1"] for r in b["results"]] == [r["acc1"] for r in rows]
+    out = tmp / "S.npy"
+    argv = ["similarity", "--anchor-images", str(p["anchor_images"]), "--anchor-texts", str(p["anchor_texts"]),
+            "--images", str(p["images"]), "--texts", str(p["prompts"]), "--non-zeros", "30", "--out", str(out),
+            "--centre"]
+    assert cli.main(argv) == 0
+    model = ac.ASIF(d["anchor_images"], d["anchor_texts"], 30, 8, centre=True)
+    np.testing.assert_allclose(np.load(out), model.similarity(d["images"], d["prompts"]), rtol=1e-6)
+
+
 def test_sweep_first_pass_bf16_with_float64_is_one_line(files, capsys):
     d, p, tmp = files
     assert cli.main(sweep_args(p, tmp / "x.json", **{"--first-pass": "bf16", "--dtype": "float64"})) == 2
@@ -150,8 +170,8 @@ def test_eval_then_report(tmp_path, monkeypatch):
     ev = load_eval_embeddings("fashion-mnist", limit=60, progress=False)
     an = load_anchor_embeddings("clipart", limit=90, progress=False)
     rows = ac.sweep(an.A_img, an.A_txt, ev.images, ev.labels, ev.prompts, 10, anchor_counts=[30, 90],
-                    exponents=[8, 3], non_zeros=50, centre=True)  # asif eval centres by default
-    assert res["params"]["centre"] is True
+                    exponents=[8, 3], non_zeros=50, centre=DEFAULT_CENTRE)
+    assert res["params"]["centre"] is DEFAULT_CENTRE
     assert [r["metrics"]["acc1"] for r in res["results"]] == [r["acc1"] for r in rows]
 
     assert res["metrics"]["acc1"] == rows[2]["acc1"], "the headline: 90 anchors, p = 8"

@@ -48,6 +48,11 @@ def test_k_and_exponents_boxes_are_the_choice_01_to_04_read(tmp_path, monkeypatc
     assert pipeline.load_choice().exponents == [6.0, 2.0] and pipeline.load_choice().non_zeros == 300
     by_description(box, "exponents (p)").value = "8, x"
     assert "not saved" in status_of(box) and pipeline.load_choice().exponents == [6.0, 2.0]
+    by_description(box, "exponents (p)").value = "8, 3"
+    centre = by_description(box, "centre on the anchors' mean")
+    assert centre.value is pipeline.Choice().centre
+    centre.value = not centre.value
+    assert pipeline.load_choice().centre is centre.value
 
 
 def test_folder_datasets_take_their_path_from_a_box(tmp_path, monkeypatch):
@@ -160,6 +165,8 @@ def test_accuracy_plot_curves_title_and_axis():
     assert curves["ASIF, p = 8"] == [20.0, 30.0, 35.0] and curves["ASIF, p = 1"] == [10.0, 15.0, 20.0]
     assert "chance (10%)" in curves and "CLIP baseline" in curves
     assert ax.get_title() == "t\nk = 50   p = 8, 1   reduce = max"
+    centred = widgets.plot_accuracy_vs_anchors([dict(r, centre=True) for r in rows], chance=0.1, title="t")
+    assert centred.axes[0].get_title() == "t\nk = 50   p = 8, 1   reduce = max   centred"
     lo, hi = ax.get_xlim()
     assert 300 < hi < 300 * 1.2 and 64 / 1.2 < lo < 64
     assert [float(t) for t in ax.get_xticks()] == [64, 128, 300]
