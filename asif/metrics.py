@@ -17,8 +17,8 @@ import torch
 from asif.errors import ASIFInputError
 
 __all__ = ["check_labels", "classification_metrics", "majority_class_rate", "confusion_matrix",
-           "per_class_recall", "retrieval_metrics", "headline_row", "zero_shot_result", "results_table",
-           "METRIC_KEYS"]
+           "per_class_recall", "hub_share", "retrieval_metrics", "headline_row", "zero_shot_result",
+           "results_table", "METRIC_KEYS"]
 
 METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
 
@@ -81,6 +81,21 @@ def per_class_recall(confusion: np.ndarray) -> np.ndarray:
     n = confusion.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, np.diag(confusion) / np.maximum(n, 1), np.nan)
+
+
+def hub_share(indices, n_anchors: int, fraction: float = 0.01) -> float:
+    """Hubness of top-k lists: the share of all their entries that fall on the ``fraction`` of the
+    ``n_anchors`` anchors that appear in most lists. ``indices``: [Q, k] anchor indices.
+
+    Without hubs each anchor would hold about the same share, so the value
+    would be near ``fraction``; 1.0 means a few anchors fill every list.
+    """
+    idx = np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices).ravel()
+    if idx.size == 0 or n_anchors < 1 or not 0 < fraction <= 1:
+        raise ValueError("hub_share: needs entries, n_anchors >= 1 and 0 < fraction <= 1")
+    top = max(1, int(round(fraction * n_anchors)))
+    counts = np.bincount(idx, minlength=n_anchors)
+    return float(np.sort(counts)[::-1][:top].sum() / idx.size)
 
 
 def retrieval_metrics(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict:

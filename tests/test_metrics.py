@@ -77,3 +77,13 @@ def test_zero_shot_result_and_table():
     assert res["wall_time_s"] == 1.235 and res["params"] == {"x": 1}
     assert metrics.results_table(rows).splitlines() == [
         "| anchors | p = 8 | p = 1 |", "|---:|---:|---:|", "| 10 | 50.0% | 25.0% |", "| 20 | 75.0% | 12.5% |"]
+
+
+def test_hub_share_counts_the_most_listed_anchors():
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 1000, size=(50, 20))
+    by_hand = sorted(np.bincount(idx.ravel(), minlength=1000).tolist(), reverse=True)[:10]
+    assert metrics.hub_share(idx, 1000, 0.01) == sum(by_hand) / idx.size
+    hubs = np.tile(np.arange(10), (50, 2))  # 10 anchors fill every list
+    assert metrics.hub_share(hubs, 1000, 0.01) == 1.0
+    assert metrics.hub_share(np.arange(1000).reshape(50, 20), 1000, 0.01) == pytest.approx(0.01)
