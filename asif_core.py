@@ -268,8 +268,9 @@ def anchor_centre(anchors, count: int | None = None, name: str = "anchors", bloc
     anisotropic): without it every cosine is high and a few "hub" anchors
     fill almost every query's top-k. Queries and anchors are centred on the
     same vector, which comes from the anchors only; queries from a domain far
-    from the anchors' mean can get new hubs (docs/default_anchors.md). Read block by block, so
-    a memmap larger than memory is fine; values are checked as they are read.
+    from the anchors' mean can get new hubs (docs/default_anchors.md). Read
+    block by block, so a memmap larger than memory is fine; values are
+    checked as they are read.
     """
     n = _shape(anchors)[0] if count is None else int(count)
     if n < 2:
