@@ -40,6 +40,9 @@ setup_venv() {
     echo "== pip install -e .[$1] (first time: several minutes, torch is large)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[$1]"
+    # numba compiles its kernels on first use (~10 s): here, so that the first run does not
+    echo "== compiling the kernels"
+    .venv/bin/python -c "from asif.environment import compile_kernels; compile_kernels()"
     echo "$want" > "$stamp"
   fi
 }

@@ -3,7 +3,8 @@
 ``setup_notebook()`` is the first call of every notebook: in Colab it
 installs the data packages that are missing (asif/data/apt-packages.txt,
 the list ``run.sh`` installs too), then it says which mode and device the
-notebook runs on.
+notebook runs on. ``compile_kernels()`` is the install's last step in
+``run.sh``: the first real run then finds the numba kernels compiled.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import sys
 from asif.config import DATA_DIR, is_smoke
 from asif.errors import ASIFInputError
 
-__all__ = ["APT_PACKAGES", "in_colab", "machine_summary", "missing_apt_packages", "setup_notebook", "one_line_errors"]
+__all__ = ["APT_PACKAGES", "in_colab", "machine_summary", "missing_apt_packages", "setup_notebook", "one_line_errors",
+           "compile_kernels"]
 
 APT_PACKAGES = tuple((DATA_DIR / "apt-packages.txt").read_text().split())
 
@@ -91,3 +93,34 @@ def one_line_errors() -> bool:
 
     shell.set_custom_exc((ASIFInputError,), short)
     return True
+
+
+def compile_kernels() -> list[str]:
+    """Compile the numba kernels (selection, scoring, exact recomputation) into numba's on-disk cache.
+
+    Each kernel compiles for the argument types it is first called with, ~10 s
+    in all; a first ``asif sweep`` would otherwise pay that inside its run.
+    Tiny calls with the types the core uses on the CPU (float32 and float64,
+    every scoring way, the bfloat16 first pass where this CPU has it) fill
+    the cache. Returns what was compiled; empty without numba.
+    """
+    import numpy as np
+    import asif_core as ac
+    from asif import precision, scoring
+    from asif.config import numba_module
+    if numba_module() is None:
+        return []
+    rng = np.random.default_rng(0)
+    a, t = rng.random((600, 16), dtype=np.float32), rng.random((600, 8), dtype=np.float32)
+    x, p = rng.random((20, 16), dtype=np.float32), rng.random((6, 8), dtype=np.float32)
+    done = []
+    for dtype in ("float32", "float64"):
+        for way in ("dense", "sparse", "mixed"):
+            with scoring.forced(way=way):
+                for reduce in ac.REDUCES:
+                    ac.classify(a, t, x, p, 3, non_zeros=50, reduce=reduce, device="cpu", dtype=dtype)
+        done.append(f"selection and scoring ({dtype})")
+    if precision.fast_bf16("cpu")[0]:
+        ac.classify(a, t, x, p, 3, non_zeros=50, device="cpu", first_pass="bf16")
+        done.append("bfloat16 first pass")
+    return done
