@@ -822,9 +822,10 @@ def _add_run_commands(sub) -> None:
                    help="a class's score: its best template (max, the paper's code) or its prompts' mean "
                         "(mean, CLIP's prompt ensemble)")
     p.add_argument("--centre", action=argparse.BooleanOptionalAction, default=DEFAULT_CENTRE,
-                   help="centre each modality on its anchors' mean before the cosines, which keeps a few hub "
-                        "anchors out of every top-k (default: off, the paper's method; docs/default_anchors.md "
-                        "gives its figures: better on clip-art, worse on the TuxPaint photos)")
+                   help="centre each modality on its anchors' mean before the cosines, the usual remedy for "
+                        "hub anchors that sit in every top-k (default: off, the paper's method; "
+                        "docs/default_anchors.md: better on clip-art, worse on the TuxPaint photos, whose "
+                        "hubs it doubles)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="a seeded random subset of N test images, and the first N anchors unless --anchor-limit "
                         "(default: all; ASIF_SMOKE=1 gives 200)")
