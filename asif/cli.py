@@ -627,7 +627,7 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
     seen, unique = set(), []
     for path, res in loaded:  # notebook 01 and the main job may write the same curve: report it once
         key = (res["dataset"], res["params"].get("anchor_set"), res["params"].get("non_zeros"),
-               res["params"].get("reduce"), res["params"].get("mixing", "union"))
+               res["params"].get("reduce"), res["params"].get("mixing", "union"), bool(res["params"].get("centre")))
         if key not in seen:
             seen.add(key)
             unique.append((path, res))
@@ -647,9 +647,10 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
         chance = p.get("chance") or 1 / max(1, len(p.get("classnames", [])) or 10)
         top = headline_row(rows)  # as the JSON's metrics, also for results written before they were
         majority = p.get("majority_class_rate")
-        lines += [f"### {res['dataset']}, anchors `{p.get('anchor_set', '?')}`", "",
+        lines += [f"### {res['dataset']}, anchors {_anchor_column(p)}", "",
                   f"{p.get('image_encoder')} + {p.get('text_encoder')}, k = {p.get('non_zeros')}, "
-                  f"reduce = {p.get('reduce')}, top-1 accuracy on {p.get('n_test', '?')} test images. "
+                  f"reduce = {p.get('reduce')}{', centred on the anchors mean' if p.get('centre') else ''}, "
+                  f"top-1 accuracy on {p.get('n_test', '?')} test images. "
                   f"Headline (all {top['n_anchors']} anchors, p = {top['exponent']:g}): "
                   f"**{100 * top['acc1']:.1f}%**; chance {100 * chance:.0f}%"
                   + (f", majority class {100 * majority:.0f}%" if majority is not None else "")
@@ -666,19 +667,24 @@ def _report_lines(results, link_figure, times: dict) -> list[str]:
     return lines
 
 
+def _anchor_column(params: dict) -> str:
+    """How a result's anchors are named in the report: the set, and "centred" when it was."""
+    return f"`{params.get('anchor_set', '?')}`" + (" centred" if params.get("centre") else "")
+
+
 def _summary_lines(results: list[dict]) -> list[str]:
     """One table: each test set's headline top-1 (and mean per-class recall) per anchor set, beside chance
     and the majority-class rate."""
     from asif.metrics import headline_row
     from asif.pipeline import rows_from_result
-    anchor_sets = list(dict.fromkeys(r["params"].get("anchor_set", "?") for r in results))
+    anchor_sets = list(dict.fromkeys(_anchor_column(r["params"]) for r in results))
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     cell = {}
     info = {}
     for res in results:
         top = headline_row(rows_from_result(res))
         p = res["params"]
-        cell[(res["dataset"], p.get("anchor_set", "?"))] = (f"**{100 * top['acc1']:.1f}%** "
+        cell[(res["dataset"], _anchor_column(p))] = (f"**{100 * top['acc1']:.1f}%** "
                                                             f"({100 * top['mean_per_class_recall']:.1f}%)")
         info.setdefault(res["dataset"], (p.get("n_test", "?"), len(p.get("classnames", [])) or "?",
                                          p.get("chance"), p.get("majority_class_rate"), top["exponent"],
@@ -686,7 +692,7 @@ def _summary_lines(results: list[dict]) -> list[str]:
     lines = ["Zero-shot top-1 accuracy with all anchors of each set (mean per-class recall in brackets), "
              "k = {5}, p = {4:g}, reduce = {6}; no parameter tuned on a test set.".format(*next(iter(info.values()))),
              "", "| test set | images | classes | chance | majority class | "
-             + " | ".join(f"`{a}`" for a in anchor_sets) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(anchor_sets)]
+             + " | ".join(anchor_sets) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(anchor_sets)]
     for d in datasets:
         n, c, chance, majority, *_ = info[d]
         pct = (lambda v: f"{100 * v:.1f}%" if v is not None else "?")

@@ -193,6 +193,18 @@ def test_eval_then_report(tmp_path, monkeypatch):
     assert f"| 90 | {100 * rows[2]['acc1']:.1f}% | {100 * rows[3]['acc1']:.1f}% |" in text
     assert (tmp_path / "docs" / "figures" / fig.name).exists() and f"docs/figures/{fig.name}" in text
 
+    # a centred run of the same data and anchors is its own column, not a duplicate of the plain one
+    centred_out = build / "zero_shot_fm_clipart_centred.json"
+    assert cli.main(argv[:argv.index("--out")] + ["--out", str(centred_out), "--centre"]) == 0
+    centred = ac.sweep(an.A_img, an.A_txt, ev.images, ev.labels, ev.prompts, 10, anchor_counts=[30, 90],
+                       exponents=[8, 3], non_zeros=50, centre=True)
+    assert cli.main(["report", "--build", str(build)]) == 0
+    report = (build / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| test set |"))
+    assert header.endswith("| `clipart` | `clipart` centred |")
+    assert f"**{100 * rows[2]['acc1']:.1f}%**" in report and f"**{100 * centred[2]['acc1']:.1f}%**" in report
+    assert "### fashion-mnist, anchors `clipart` centred" in report
+
 
 def test_eval_on_a_folder_with_its_own_names_and_templates(tmp_path, monkeypatch, photos, capfd):
     monkeypatch.setenv("ASIF_CACHE", str(tmp_path / "cache"))
