@@ -303,15 +303,14 @@ def _one_centre(centre, anchors, n: int, name: str = "anchors") -> np.ndarray | 
 
 def _centres(centre, anchor_images, anchor_texts, n: int) -> tuple:
     """``centre`` of sweep/classify/ASIF -> (image centre, text centre), each [d] or None:
-    False, True, or a pair of vectors (image [d1], text [d2])."""
+    False, True, or a pair (image, text) of which each is a vector, True or False/None."""
     if centre is None or isinstance(centre, (bool, np.bool_)):
-        return _one_centre(centre, anchor_images, n, "anchor_images"), _one_centre(centre, anchor_texts, n,
-                                                                                   "anchor_texts")
+        centre = (centre, centre)
     if not isinstance(centre, (tuple, list)) or len(centre) != 2:
         raise ASIFInputError(f"centre: use False, True or a pair (image centre [d1], text centre [d2]), "
                              f"got {type(centre).__name__}")
-    return (_centre_vector(centre[0], _shape(anchor_images)[1], "anchor_images"),
-            _centre_vector(centre[1], _shape(anchor_texts)[1], "anchor_texts"))
+    return (_one_centre(centre[0], anchor_images, n, "anchor_images"),
+            _one_centre(centre[1], anchor_texts, n, "anchor_texts"))
 
 
 def _is_in_memory(x) -> bool:
@@ -726,7 +725,8 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     existed: the running top-k is snapshotted when the stream reaches n.
     With ``centre=True`` every count is centred on the same vectors, the
     means of all max(anchor_counts) anchors (one model, seen through fewer
-    of its anchors); a pair of vectors (image [d1], text [d2]) is used as given.
+    of its anchors); a pair (image, text) sets each modality on its own:
+    a vector [d] is used as given, True/False as above.
 
     Args:
         anchor_images [N, d1], anchor_texts [N, d2]: coupled anchors.

@@ -34,12 +34,6 @@ TIE = 0.005
 CENTRINGS = ("none", "image", "text", "both")
 
 
-def centring(anchors):
-    """x -> its unit rows minus the anchors' centre (asif_core.anchor_centre); the core normalises again."""
-    mean = ac.anchor_centre(anchors)
-    return lambda x: np.asarray(x, dtype=np.float64) / np.linalg.norm(x, axis=1, keepdims=True) - mean
-
-
 def held_out_rows(anchor_set, test_keys: set, seed: int = 0) -> dict:
     """{source: rows of the anchor order held out for validation}, none of them a test item."""
     rng = np.random.default_rng(seed)
@@ -77,18 +71,17 @@ def main():
     def score(rule: str, only: int | None, centre: str = "none") -> dict:
         a_i, a_t, s = (A_img, A_txt, src) if only is None else (A_img[src == only], A_txt[src == only],
                                                               src[src == only])
-        # the centring candidates of the second round: the means come from the anchors in use only
-        fi = centring(a_i) if centre in ("image", "both") else (lambda x: x)
-        ft = centring(a_t) if centre in ("text", "both") else (lambda x: x)
-        a_i, a_t = fi(a_i), ft(a_t)
+        # the centring candidates of the second round: each side's mean from the anchors in use only
+        side = (centre in ("image", "both"), centre in ("text", "both"))
+        kw = dict(common, centre=(ac.anchor_centre(a_i) if side[0] else None,
+                                  ac.anchor_centre(a_t) if side[1] else None))
         out = {}
-        sc = mixture.mixture_scores(a_i, a_t, s, fi(v1.images), ft(v1.prompts), len(v1.classnames), rule=rule,
-                                    **common)
+        sc = mixture.mixture_scores(a_i, a_t, s, v1.images, v1.prompts, len(v1.classnames), rule=rule, **kw)
         out["V1 fashion-mnist-train top-1"] = float((next(iter(sc.values())).argmax(1) == v1.labels).mean())
         for name, v in (("clipart", "V2"), ("tuxpaint", "V3"), ("iconify", "V4")):
             rows = held_rows[name]
-            sims = mixture.mixture_scores(a_i, a_t, s, fi(union.A_img[rows]), ft(union.A_txt[rows]), len(rows),
-                                          rule=rule, **common)
+            sims = mixture.mixture_scores(a_i, a_t, s, union.A_img[rows], union.A_txt[rows], len(rows),
+                                          rule=rule, **kw)
             sim = next(iter(sims.values()))
             out[f"{v} {name} pairs R@5"] = retrieval_metrics(sim, np.arange(len(rows)), ks=(5,))["text_retrieval_recall@5"]
         return out

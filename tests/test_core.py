@@ -385,6 +385,18 @@ def test_centring_a_sweep_uses_the_whole_set_for_every_count():
         d["images"], d["prompts"], 5), atol=1e-12)
 
 
+def test_each_side_can_be_centred_alone():
+    d = hubby()
+    ci = reference.centre_of(d["anchor_images"])
+    rx = reference.relative_representation(d["images"], d["anchor_images"], 20, 8, ci)
+    rt = reference.relative_representation(d["prompts"], d["anchor_texts"], 20, 8)
+    want = (rx @ rt.T).reshape(30, 5, 3).max(2)
+    for centre in ((True, None), (ci, False)):
+        got = ac.classify(d["anchor_images"], d["anchor_texts"], d["images"], d["prompts"], 5, non_zeros=20,
+                          centre=centre, device="cpu", dtype="float64")
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 def test_anchor_centre_streams_a_memmap_and_names_bad_rows(tmp_path):
     d = hubby()
     np.save(tmp_path / "a.npy", d["anchor_images"].astype(np.float32))
