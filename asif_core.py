@@ -260,7 +260,8 @@ def _centred(unit: torch.Tensor, centre: np.ndarray | None) -> torch.Tensor:
     return unit.div_(torch.linalg.vector_norm(unit, dim=1, keepdim=True).clamp_min(1e-30))
 
 
-def anchor_centre(anchors, count: int | None = None, name: str = "anchors", block: int = 16384) -> np.ndarray:
+def anchor_centre(anchors, count: int | None = None, name: str = "anchors", block: int = 16384,
+                  dtype: torch.dtype = torch.float32) -> np.ndarray:
     """The mean of the unit anchor rows anchors[:count]: float64 [d].
 
     Centring removes the direction every embedding of an encoder shares
@@ -270,15 +271,21 @@ def anchor_centre(anchors, count: int | None = None, name: str = "anchors", bloc
     same vector, which comes from the anchors only; queries from a domain far
     from the anchors' mean can get new hubs (docs/default_anchors.md). Read
     block by block, so a memmap larger than memory is fine; values are
-    checked as they are read.
+    checked as they are read. The rows are normalised in ``dtype`` (that of
+    the products: float32, or float64 for a float64 computation); float32
+    rows are summed 1,024 at a time and those sums added in float64 (within
+    ~1e-9 of a float64 mean, ~5x faster than converting every row).
     """
     n = _shape(anchors)[0] if count is None else int(count)
     if n < 2:
         raise ASIFInputError(f"{name}: centring needs at least 2 anchors, got {n}; use centre=False")
-    cpu64 = Compute(torch.device("cpu"), torch.float64)
+    cpu = Compute(torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)
+    buf = torch.empty(block * _shape(anchors)[1], dtype=cpu.dtype)  # one buffer: no page faults per block
     total = torch.zeros(_shape(anchors)[1], dtype=torch.float64)
     for start in range(0, n, block):
-        total += _normalized_block(anchors[start:min(n, start + block)], cpu64, name, start).sum(0)
+        rows = _normalized_block(anchors[start:min(n, start + block)], cpu, name, start, out=buf)
+        for j in range(0, rows.shape[0], 1024):
+            total += rows[j:j + 1024].sum(0).double()
     return (total / n).numpy()
 
 
@@ -293,15 +300,15 @@ def _centre_vector(c, dim: int, name: str) -> np.ndarray:
     return v
 
 
-def _one_centre(centre, anchors, n: int, name: str = "anchors") -> np.ndarray | None:
+def _one_centre(centre, anchors, n: int, name: str = "anchors", dtype=torch.float32) -> np.ndarray | None:
     """``centre`` of one modality -> [d] or None: False/None (the paper's method, no centring),
-    True (the mean of the first ``n`` unit anchors) or a vector, used as given."""
+    True (the mean of the first ``n`` unit anchors, normalised in ``dtype``) or a vector, used as given."""
     if centre is None or isinstance(centre, (bool, np.bool_)):
-        return anchor_centre(anchors, n, name) if centre else None
+        return anchor_centre(anchors, n, name, dtype=dtype) if centre else None
     return _centre_vector(centre, _shape(anchors)[1], name)
 
 
-def _centres(centre, anchor_images, anchor_texts, n: int) -> tuple:
+def _centres(centre, anchor_images, anchor_texts, n: int, dtype=torch.float32) -> tuple:
     """``centre`` of sweep/classify/ASIF -> (image centre, text centre), each [d] or None:
     False, True, or a pair (image, text) of which each is a vector, True or False/None."""
     if centre is None or isinstance(centre, (bool, np.bool_)):
@@ -309,8 +316,8 @@ def _centres(centre, anchor_images, anchor_texts, n: int) -> tuple:
     if not isinstance(centre, (tuple, list)) or len(centre) != 2:
         raise ASIFInputError(f"centre: use False, True or a pair (image centre [d1], text centre [d2]), "
                              f"got {type(centre).__name__}")
-    return (_one_centre(centre[0], anchor_images, n, "anchor_images"),
-            _one_centre(centre[1], anchor_texts, n, "anchor_texts"))
+    return (_one_centre(centre[0], anchor_images, n, "anchor_images", dtype),
+            _one_centre(centre[1], anchor_texts, n, "anchor_texts", dtype))
 
 
 def _is_in_memory(x) -> bool:
@@ -604,7 +611,7 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
     # values: when normalised
     check_embeddings(queries, "queries", dim=_shape(anchors)[1], full_scan=False, against="anchors")
     counts = _check_counts(_shape(anchors)[0], anchor_counts)
-    c = _one_centre(centre, anchors, counts[-1])
+    c = _one_centre(centre, anchors, counts[-1], dtype=compute.dtype)
     job = StreamJob(anchors, "anchors", _normalized_block(queries, compute, "queries", 0, centre=c), centre=c)
     return _stream([job], k, counts, compute)[0]
 
@@ -769,7 +776,7 @@ def _sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classe
     elif not return_scores:
         raise ASIFInputError("labels: required to compute accuracy (or pass return_scores=True)")
     counts = _check_counts(_shape(anchor_images)[0], anchor_counts)
-    ci, ct = _centres(centre, anchor_images, anchor_texts, counts[-1])
+    ci, ct = _centres(centre, anchor_images, anchor_texts, counts[-1], compute.dtype)
     jobs = [StreamJob(anchor_images, "anchor_images", _normalized_block(images, compute, "images", 0, centre=ci),
                       centre=ci),
             StreamJob(anchor_texts, "anchor_texts", _normalized_block(prompts, compute, "prompts", 0, centre=ct),
@@ -878,7 +885,8 @@ class ASIF:
     def centres(self) -> tuple:
         """(image centre [d1], text centre [d2]) when ``centre``, else (None, None)."""
         if self.centre and self._centre_vectors is None:
-            self._centre_vectors = _centres(True, self.anchor_images, self.anchor_texts, self.n_anchors)
+            self._centre_vectors = _centres(True, self.anchor_images, self.anchor_texts, self.n_anchors,
+                                            self.compute.dtype)
         return self._centre_vectors if self.centre else (None, None)
 
     @property
