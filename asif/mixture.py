@@ -85,7 +85,10 @@ def mixture_scores(anchor_images, anchor_texts, sources, images, prompts, n_clas
         by = {(r["n_anchors"], r["exponent"]): r["scores"] for r in rows}
         gate = None
         if rule == "gated":
-            tops = asif_core.top_k_similarities(images, ai, non_zeros, anchor_counts=sub_counts, **compute)
+            # the gate compares images with images: of a centre given per side, the image side's
+            centre = compute.get("centre", False)
+            image_side = dict(compute, centre=centre[0] if isinstance(centre, (tuple, list)) else centre)
+            tops = asif_core.top_k_similarities(images, ai, non_zeros, anchor_counts=sub_counts, **image_side)
             gate = {m: top.values.double().mean(1).cpu().numpy() for m, top in zip(sub_counts, tops)}
         for c, m in zip(counts, per_count):
             if m == 0:

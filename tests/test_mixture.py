@@ -68,3 +68,16 @@ def test_sweep_rows_and_bad_input(tiny):
                                rule="vote")
     with pytest.raises(ASIFInputError, match="one source index per anchor"):
         mixture.mixture_scores(d["anchor_images"], d["anchor_texts"], sources[:5], d["images"], d["prompts"], 4)
+
+
+@pytest.mark.parametrize("rule", ["mean", "gated"])
+def test_centre_given_per_side_reaches_every_source(tiny, rule):
+    d = tiny
+    sources = np.arange(97) % 2
+    args = (d["anchor_images"], d["anchor_texts"], sources, d["images"], d["prompts"], 4)
+    both = mixture.mixture_scores(*args, non_zeros=10, rule=rule, centre=True, device="cpu", dtype="float64")
+    sides = mixture.mixture_scores(*args, non_zeros=10, rule=rule, centre=(True, True), device="cpu", dtype="float64")
+    plain = mixture.mixture_scores(*args, non_zeros=10, rule=rule, device="cpu", dtype="float64")
+    key = next(iter(both))
+    np.testing.assert_allclose(sides[key], both[key], atol=1e-12)
+    assert np.abs(both[key] - plain[key]).max() > 1e-6  # centring changed something
