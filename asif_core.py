@@ -280,7 +280,7 @@ def anchor_centre(anchors, count: int | None = None, name: str = "anchors", bloc
     if n < 2:
         raise ASIFInputError(f"{name}: centring needs at least 2 anchors, got {n}; use centre=False")
     cpu = Compute(torch.device("cpu"), torch.float64 if dtype == torch.float64 else torch.float32)
-    buf = torch.empty(block * _shape(anchors)[1], dtype=cpu.dtype)  # one buffer: no page faults per block
+    buf = torch.empty(min(block, n) * _shape(anchors)[1], dtype=cpu.dtype)  # one buffer: no page faults per block
     total = torch.zeros(_shape(anchors)[1], dtype=torch.float64)
     for start in range(0, n, block):
         rows = _normalized_block(anchors[start:min(n, start + block)], cpu, name, start, out=buf)

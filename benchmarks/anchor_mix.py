@@ -34,6 +34,15 @@ TIE = 0.005
 CENTRINGS = ("none", "image", "text", "both")
 
 
+def print_table(table: dict, corner: str) -> None:
+    """{row name: {validation set: score}} as percentages, one line per row."""
+    domains = list(next(iter(table.values())))
+    width = max(map(len, [corner, *table]))
+    print(f"{corner:{width}}  " + "  ".join(f"{d:>28}" for d in domains))
+    for k, row in table.items():
+        print(f"{k:{width}}  " + "  ".join(f"{100 * row[d]:27.1f}%" for d in domains))
+
+
 def held_out_rows(anchor_set, test_keys: set, seed: int = 0) -> dict:
     """{source: rows of the anchor order held out for validation}, none of them a test item."""
     rng = np.random.default_rng(seed)
@@ -97,10 +106,7 @@ def main():
     regret = {rule: min(table[f"all, {rule}"][d] - best_single[d] for d in domains) for rule in mixture.RULES}
     best = max(regret.values())
     chosen = next(r for r in mixture.RULES if regret[r] >= best - TIE)  # ties to the simpler rule
-    width = max(map(len, table))
-    print(f"{'':{width}}  " + "  ".join(f"{d:>28}" for d in domains))
-    for k, row in table.items():
-        print(f"{k:{width}}  " + "  ".join(f"{100 * row[d]:27.1f}%" for d in domains))
+    print_table(table, "")
     print("worst regret against the best single source:", {r: round(100 * v, 1) for r, v in regret.items()})
     print(f"chosen rule: {chosen}   ({time.perf_counter() - start:.0f} s; {len(keep)} anchors, "
           f"{sum(len(r) for r in held_rows.values())} held out)")
@@ -119,10 +125,7 @@ def centre_round(args, score, start: float) -> None:
     gain = {c: {d: table[c][d] - table["none"][d] for d in domains} for c in CENTRINGS[1:]}
     admissible = [c for c, g in gain.items() if min(g.values()) >= -TIE and max(g.values()) > TIE]
     chosen = max(admissible, key=lambda c: np.mean(list(gain[c].values()))) if admissible else "none"
-    width = max(map(len, table))
-    print(f"{'centre':{width}}  " + "  ".join(f"{d:>28}" for d in domains))
-    for k, row in table.items():
-        print(f"{k:{width}}  " + "  ".join(f"{100 * row[d]:27.1f}%" for d in domains))
+    print_table(table, "centre")
     print("admissible:", admissible, " chosen:", chosen, f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"scores": table, "gain": gain, "admissible": admissible,
