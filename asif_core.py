@@ -24,6 +24,7 @@ on the compute device.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -143,17 +144,23 @@ class Compute:
     block_size: int | None = None
     memory_budget: int | None = None
     progress: bool = False
-    first_pass: str = "fp32"   # "bf16": candidates from a bfloat16 product, then exact (asif.precision)
+    first_pass: str = "auto"   # "bf16": candidates from a bfloat16 product, then exact (asif.precision)
 
     @classmethod
     def of(cls, device="auto", dtype=None, block_size: int | None = None, memory_budget: int | None = None,
-           progress: bool = False, first_pass: str = "fp32") -> "Compute":
+           progress: bool = False, first_pass: str = "auto") -> "Compute":
         dev = pick_device(device)
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
                                        or block_size < 1):
             raise ASIFInputError(f"block_size={block_size!r}: must be a positive integer (or None: from memory)")
         dt = resolve_dtype(dtype, dev)
         return cls(dev, dt, block_size, memory_budget, progress, precision.resolve_first_pass(first_pass, dev, dt))
+
+    def pass_for(self, similarities: int) -> str:
+        """The first pass a stream of ``similarities`` (query rows x anchors) runs: "fp32" or "bf16"
+        ("auto" settled by asif.precision.choose_first_pass)."""
+        compiled = self.device.type == "cpu" and COMPILED_SELECTION and selection.available()
+        return precision.choose_first_pass(self.first_pass, self.device, similarities, compiled)
 
 
 # ---------------------------------------------------------------------------
@@ -404,20 +411,26 @@ class _RunningTopK:
     k per row, or when an exact state is needed.
     """
 
-    def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "fp32"):
+    def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "auto", replay=None):
         self.queries = queries            # [Q, d] normalised, compute dtype
         self.k = k
         self.first_pass = first_pass
+        self.replay = replay              # bf16: (start, end) -> the normalised block the stream gave
+        self.unresolved = []              # bf16: the (start, end) of blocks absorbed since the last snapshot
         self.seen = 0
         self._buffer = None
         self.compiled = queries.device.type == "cpu" and COMPILED_SELECTION and selection.available()
         if first_pass == "bf16" and not self.compiled:
             raise ASIFInputError("first_pass='bf16' needs the compiled selection on the CPU (numba); use 'fp32'")
         if self.compiled:
-            self.rows = selection.RowBuffers(queries.shape[0], k, queries.numpy().dtype)
             if first_pass == "bf16":
+                if replay is None:
+                    raise ValueError("first_pass='bf16' needs a replay of the anchor blocks")
                 self.queries_low = queries.bfloat16()
-                self.error = precision.error_bound(queries, self.queries_low).view(-1).double().numpy()
+                error = precision.error_bound(queries, self.queries_low).view(-1).double().numpy()
+                self.rows = selection.BoundedRowBuffers(queries.numpy(), error, k)
+            else:
+                self.rows = selection.RowBuffers(queries.shape[0], k, queries.numpy().dtype)
             return
         self.values = queries.new_zeros((queries.shape[0], 0))
         self.indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
@@ -441,8 +454,8 @@ class _RunningTopK:
         if self.compiled:
             if self.first_pass == "bf16":
                 approx = self._product(self.queries_low, block.bfloat16())
-                self.rows.absorb_bf16(approx.view(torch.int16).numpy(), self.queries.numpy(),
-                                      block.contiguous().numpy(), self.error, offset)
+                self.rows.absorb(approx.view(torch.int16).numpy(), offset)
+                self.unresolved.append((offset, self.seen))
             else:
                 self.rows.absorb(self._product(self.queries, block).numpy(), offset)
             return
@@ -515,6 +528,10 @@ class _RunningTopK:
 
     def snapshot(self) -> TopK:
         if self.compiled:
+            if self.first_pass == "bf16":
+                # the rows of every block since the last snapshot, normalised again as they were
+                self.rows.resolve((start, self.replay(start, end).numpy()) for start, end in self.unresolved)
+                self.unresolved = []
             v, i = self.rows.top()
             return TopK(torch.from_numpy(v), torch.from_numpy(i), self.seen)
         self.merge()
@@ -532,18 +549,27 @@ class StreamJob:
     centre: np.ndarray | None = None  # [d], subtracted from every unit anchor row (queries come centred)
 
 
-def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size: int, name: str,
-                   first_block: int | None = None, first_row: int = 0,
-                   centre: np.ndarray | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (end, normalised block [b, d]) over anchors[0:counts[-1]].
+def _block_buffer(block_size: int, dim: int, compute: Compute) -> torch.Tensor | None:
+    """One flat buffer that every normalised block of a stream is written into (CPU), else None."""
+    return torch.empty(block_size * dim, dtype=compute.dtype) if compute.device.type == "cpu" else None
+
+
+def _anchor_block(job: StreamJob, compute: Compute, start: int, end: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """anchors[start:end] of a job, normalised (and centred) into ``buf``: the stream's block, and the
+    same bits again when the bfloat16 pass replays it (the same slice through the same operations)."""
+    return _normalized_block(job.anchors[start:end], compute, job.name, job.first_row + start, out=buf,
+                             centre=job.centre)
+
+
+def _anchor_blocks(job: StreamJob, counts: Sequence[int], compute: Compute, block_size: int,
+                   first_block: int | None, buf: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (end, normalised block [b, d]) over job.anchors[0:counts[-1]], each written into ``buf``.
 
     Blocks never straddle a count, so a running state is exact at each one.
     Values are checked block by block: a memmap larger than RAM is read
-    once, never whole.
+    once, never whole. Each block is consumed before the next is made.
     """
     start = 0
-    # one buffer for every block: each is consumed before the next is made
-    buf = torch.empty(block_size * _shape(anchors)[1], dtype=compute.dtype) if compute.device.type == "cpu" else None
     for stop in counts:
         while start < stop:
             # Blocks grow from first_block to block_size, each at most as large
@@ -551,8 +577,7 @@ def _anchor_blocks(anchors, counts: Sequence[int], compute: Compute, block_size:
             # through, so the block it filters is kept small.
             size = block_size if not first_block else min(block_size, max(first_block, start))
             end = min(stop, start + size)
-            yield end, _normalized_block(anchors[start:end], compute, name, first_row + start, out=buf,
-                                         centre=centre)
+            yield end, _anchor_block(job, compute, start, end, buf)
             start = end
 
 
@@ -565,13 +590,18 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     rows = sum(j.queries.shape[0] for j in jobs)
     dim = sum(_shape(j.anchors)[1] for j in jobs)
     bs = compute.block_size or choose_block_size(rows, dim, compute.device, compute.dtype, compute.memory_budget)
-    runners = [_RunningTopK(j.queries, k, compute.first_pass) for j in jobs]
     # The first block is scanned whole (nothing to compare with yet), so keep
     # it small; later blocks only pass on entries above the running k-th value.
     first = compute.block_size or min(bs, max(4 * k, 4096))
-    if compute.first_pass == "bf16" and not compute.block_size:
-        bs = first = precision.BLOCK  # the recomputation reads the block's rows: keep them in cache
-    streams = [_anchor_blocks(j.anchors, counts, compute, bs, j.name, first, j.first_row, j.centre) for j in jobs]
+    first_pass = compute.pass_for(rows * counts[-1])
+    if first_pass == "bf16" and not compute.block_size:
+        bs = first = min(bs, precision.BLOCK)  # its products are scanned from cache (asif.precision.BLOCK)
+    bufs = [_block_buffer(bs, _shape(j.anchors)[1], compute) for j in jobs]
+    # The bfloat16 pass recomputes its candidates at each count from the rows of the blocks it saw,
+    # normalised again into the stream's buffer (free by then), so no copy of the anchors is kept.
+    runners = [_RunningTopK(j.queries, k, first_pass,
+                            replay=functools.partial(_anchor_block, j, compute, buf=b)) for j, b in zip(jobs, bufs)]
+    streams = [_anchor_blocks(j, counts, compute, bs, first, b) for j, b in zip(jobs, bufs)]
     out = [[] for _ in runners]
     pending = list(counts)
     with progress_bar(counts[-1], "anchors", compute.progress, unit="anchor") as bar:
@@ -590,16 +620,18 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
 def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts: Sequence[int] | None = None,
                        block_size: int | None = None, device="auto", dtype=None,
                        memory_budget: int | None = None, progress: bool = False,
-                       first_pass: str = "fp32", centre=False) -> list[TopK]:
+                       first_pass: str = "auto", centre=False) -> list[TopK]:
     """Exact top-``non_zeros`` similarities of each query to the anchors, streamed.
 
     Args:
         queries: [Q, d]; anchors: [N, d] (array, tensor, memmap or ShardedArray).
         anchor_counts: counts to snapshot at (default [N]), each exactly as if
             only the first n anchors existed, all in one pass.
-        first_pass: "fp32" (the plain product) or "bf16": candidates from a
-            bfloat16 product, every value that enters recomputed exactly
-            (asif.precision); the same top-k as float64 rounded to float32.
+        first_pass: "auto" (the default: "bf16" for large streams on a CPU that
+            multiplies bfloat16 fast, else "fp32"), "fp32" (the plain product)
+            or "bf16": candidates from a bfloat16 product, the ones that can
+            still be in the top-k recomputed exactly (asif.precision); the
+            same top-k as float64 rounded to float32.
         centre: False (the paper), True (centre queries and anchors on the
             mean of the first max(anchor_counts) unit anchors) or a vector [d].
     Returns:
@@ -656,7 +688,7 @@ def sharpen(top: TopK, exponent: float = 8.0) -> RelativeRepresentation:
 def relative_representation(queries, anchors, non_zeros: int = 800, exponent: float = 8.0, *,
                             block_size: int | None = None, device="auto", dtype=None,
                             memory_budget: int | None = None, progress: bool = False,
-                            first_pass: str = "fp32", centre=False) -> RelativeRepresentation:
+                            first_pass: str = "auto", centre=False) -> RelativeRepresentation:
     """r(x) for each query: sparse, ``non_zeros`` entries, sharpened by ``exponent``, unit norm.
 
     Args:
@@ -725,7 +757,7 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
           anchor_counts: Sequence[int] | None = None, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
           reduce: str = "max", block_size: int | None = None, device="auto", dtype=None,
           memory_budget: int | None = None, progress: bool = False, return_scores: bool = False,
-          first_pass: str = "fp32", centre=False) -> list[dict]:
+          first_pass: str = "auto", centre=False) -> list[dict]:
     """Zero-shot accuracy for every (anchor count, exponent), in one pass over the anchors.
 
     Each count n is evaluated exactly as if only the first n anchors
@@ -865,7 +897,7 @@ class ASIF:
     def __init__(self, anchor_images, anchor_texts, non_zeros: int = 800, exponent: float = 8.0, *,
                  captions: Sequence[str] | None = None, device="auto", dtype=None,
                  block_size: int | None = None, memory_budget: int | None = None, meta: dict | None = None,
-                 first_pass: str = "fp32", centre: bool = False):
+                 first_pass: str = "auto", centre: bool = False):
         check_anchors(anchor_images, anchor_texts, full_scan=_is_in_memory(anchor_images))
         self.anchor_images, self.anchor_texts = anchor_images, anchor_texts
         self.non_zeros, self.exponent = _check_k(non_zeros), _check_exponent(exponent)

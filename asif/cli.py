@@ -153,6 +153,15 @@ def _stream_names(args, *files: str) -> dict:
     return names
 
 
+def _pass_that_ran(args, images, prompts, rows) -> str:
+    """"fp32" or "bf16": ``--first-pass`` with "auto" settled as the sweep settled it."""
+    import asif_core as ac
+    if str(args.device).startswith("cuda") or (args.device == "auto" and ac.pick_device("auto").type == "cuda"):
+        return "fp32"
+    compute = ac.Compute.of(args.device, args.dtype, first_pass=args.first_pass)
+    return compute.pass_for((len(images) + len(prompts)) * max(r["n_anchors"] for r in rows))
+
+
 def _print_table(rows, columns) -> None:
     widths = [max(len(c), *(len(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])) for r in rows)) for c in columns]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -196,7 +205,7 @@ def cmd_sweep(args) -> int:
         params = {"non_zeros": args.non_zeros, "exponents": args.exponents,
                   "anchor_counts": sorted({r["n_anchors"] for r in rows}),
                   "reduce": args.reduce, "device": str(ac.pick_device(args.device)), "n_classes": args.n_classes,
-                  "first_pass": args.first_pass, "engine": args.engine, "centre": args.centre,
+                  "first_pass": _pass_that_ran(args, x, p, rows), "engine": args.engine, "centre": args.centre,
                   "chance": 1 / args.n_classes, "majority_class_rate": majority_class_rate(y),
                   "anchor_images": args.anchor_images, "anchor_texts": args.anchor_texts}
         atomic_write_json(args.out, zero_shot_result(rows, dataset=args.dataset, model=args.model, params=params,
@@ -231,10 +240,11 @@ def _add_stream_options(p) -> None:
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", type=dtype_name, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16 (CUDA), float64")
     p.add_argument("--block-size", type=positive_int, default=None, help="anchors per block (default: from free memory)")
-    p.add_argument("--first-pass", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32: plain float32 products; bf16 (CPU): candidates from bfloat16 products, every kept "
-                        "value recomputed exactly, the same top-k as float64 rounded to float32; faster only where "
-                        "similarities are spread out (benchmarks/README.md)")
+    p.add_argument("--first-pass", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="bf16 (CPU): candidates from bfloat16 products, those that can still be in the top-k "
+                        "recomputed exactly: the same top-k as float64 rounded to float32, in about half the time "
+                        "where the CPU multiplies bfloat16 fast (AMX); fp32: plain float32 products; auto (default): "
+                        "bf16 for large runs where this CPU is found fast, else fp32 (benchmarks/README.md)")
     p.add_argument("--centre", action="store_true",
                    help="centre each modality on its anchors' mean before the cosines (default: off, the paper's "
                         "method; see `asif eval --help`)")

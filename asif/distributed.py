@@ -305,7 +305,7 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
           anchor_counts: Sequence[int] | None = None, exponents: Sequence[float] = (8.0,), non_zeros: int = 800,
           reduce: str = "max", block_size: int | None = None, device="cpu", dtype=None,
           memory_budget: int | None = None, progress: bool = False, return_scores: bool = False,
-          first_pass: str = "fp32", centre=False, address: str | None = None, shards: int | None = None,
+          first_pass: str = "auto", centre=False, address: str | None = None, shards: int | None = None,
           cpus_per_worker: int | None = None, num_cpus: int | None = None) -> list[dict]:
     """``asif_core.sweep`` with the anchors split over a Ray cluster: the same rows, the same numbers.
 
@@ -322,12 +322,13 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
     import torch
     import asif_core as ac
     # Inputs are checked here, by the core's own checks (a CPU-side pass on the driver).
-    k, ps, _, counts, jobs = ac._sweep_inputs(anchor_images, anchor_texts, images, labels, prompts, n_classes,
-                                              anchor_counts, exponents, non_zeros, reduce, block_size, "cpu",
-                                              None if str(device).startswith("cuda") else dtype, memory_budget,
-                                              False, first_pass if not str(device).startswith("cuda") else "fp32",
-                                              return_scores, centre)
+    k, ps, checked, counts, jobs = ac._sweep_inputs(
+        anchor_images, anchor_texts, images, labels, prompts, n_classes, anchor_counts, exponents, non_zeros, reduce,
+        block_size, "cpu", None if str(device).startswith("cuda") else dtype, memory_budget, False,
+        first_pass if not str(device).startswith("cuda") else "fp32", return_scores, centre)
     centres = (jobs[0].centre, jobs[1].centre)
+    # "auto" settled here, once for every shard, so that all of them compute the same values
+    first_pass = checked.pass_for(sum(j.queries.shape[0] for j in jobs) * counts[-1])
     ray = connect(address, num_cpus)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     smallest = min((int(r.get("CPU", 1)) for r in nodes), default=1)

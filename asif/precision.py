@@ -5,8 +5,9 @@ AVX512-BF16 multiply bfloat16 matrices several times faster than float32
 ones, but a bfloat16 similarity is off by up to ~1e-2, enough to swap
 anchors near a query's k-th value. The core therefore uses the bfloat16
 product only to *find candidates*: every entry whose true similarity could
-pass the running k-th value is recomputed exactly, and only recomputed
-values enter the top-k. The result is the top-k of
+still be in the top-k is kept, the kept ones are recomputed exactly when an
+exact state is needed, and only recomputed values are given out. The
+result is the top-k of
 
     v(q, a) = float32( sum_i float64(q_i) * float64(a_i) )
 
@@ -38,12 +39,36 @@ gathers 1 and 2. Hence S > t implies S~ + e_q + c |S~| > t, i.e.
     S~ > (t - e_q) / (1 + c)   if t - e_q > 0,   else   S~ > (t - e_q) / (1 - c),
 
 which is :func:`candidate_threshold` (lowered by a further 1e-6 for the
-float32 arithmetic of the threshold itself). An entry kept by the exact
-rule "v > t" has v > t, so fl64(S) > t (rounding is monotone and t is a
-float32), so S > t - 1e-12: it passed the candidate test. No entry of the
-exact top-k is lost; every value that enters is recomputed; the top-k sets
-and values equal those of the float64 computation rounded to float32,
-ties included (the core breaks them by anchor index on the rounded values).
+float32 arithmetic of the threshold itself). e_q holds a margin of 1e-6
+(MARGIN), which also covers rounding fl64(S) once to float32. Values count as max(S, 0), as
+everywhere in the method; clamping keeps every bound below in force.
+
+Recomputing lazily (asif.selection.BoundedRowBuffers)
+-----------------------------------------------------
+An entry is kept as its bfloat16 value S~ and stands for the interval
+[lo, hi] = [S~ - e_q - c|S~|, S~ + e_q + c|S~|] (each clamped at 0) that
+holds its exact value v; a recomputed entry is the point [v, v]. Let L be a
+value with at least k held entries whose lo >= L (the k-th largest lo, or
+anything below it). Those k entries are worth at least L each, so the exact
+k-th value t of the row, over every anchor seen, is >= L: it only grows as
+anchors arrive. Therefore
+
+- an entry with hi < L has v <= hi < L <= t: strictly below the k-th
+  value, it is in no exact top-k, now or later (a tie with t would need
+  v = t). Dropping it is safe, and so is never taking a new entry with
+  hi < L, which is the candidate test above with t replaced by L;
+- every entry with v >= t is still held: it was never dropped (that needs
+  hi < L <= t) and it was taken when it arrived.
+
+When an exact state is needed (the end, or each count of a sweep), the
+held entries are recomputed from the anchor rows, normalised again into
+the same bits (the same slice of the anchors through the same
+operations), and the top k of those exact values is selected with ties
+to the lower anchor index. The top-k sets and values equal those of the
+float64 computation rounded to float32, ties included. What is
+recomputed is about k plus the entries within the bound of the k-th value
+(~1.4k per row at k = 800 on the benchmark), once, not every entry that
+passed a running k-th value on its way (~k (1 + ln(N/k)), 5k for N = 200k).
 
 :func:`fast_bf16` tells whether this machine multiplies bfloat16 fast and
 checks the bound on a probe. The first pass is opt-in (``first_pass="bf16"``):
@@ -60,16 +85,23 @@ import torch
 from asif.config import compiled_kernels
 
 __all__ = ["U_BF16", "OUTPUT_REL", "error_bound", "candidate_threshold", "exact_dots", "fast_bf16",
-           "FIRST_PASSES", "resolve_first_pass"]
+           "FIRST_PASSES", "resolve_first_pass", "choose_first_pass"]
 
 U_BF16 = 2.0 ** -8                       # unit roundoff of bfloat16, round to nearest
 OUTPUT_REL = 2.0 ** -7 / (1 - 2.0 ** -7)  # output rounding, relative to |S~| (covers truncation too)
 NORM_MAX = 1 + 1e-4                       # |x| of a float32-normalised row, with room for its rounding
 MARGIN = 1e-6                             # for the float32 arithmetic of the thresholds
-FIRST_PASSES = ("fp32", "bf16")
-# Anchors per block of the bfloat16 pass: ~1-3 MB of float32 rows, within a core's L2 cache,
-# where the recomputation reads them (a 32k block from RAM costs ~3x more per candidate).
-BLOCK = 512
+FIRST_PASSES = ("auto", "fp32", "bf16")
+# "auto" keeps the float32 pass below this many similarities (query rows x anchors): there the
+# products take well under a second and the one-off check of fast_bf16 (~0.1 s) would not pay.
+AUTO_MIN_SIMILARITIES = 1 << 26
+# Anchors per block of the bfloat16 pass (at most): the block's int16 product, scanned right after
+# it is made, stays in cache (~1.8 s per evaluation on the benchmark against ~2.2 s with the float32
+# pass's 22k blocks; 2k-12k all alike, benchmarks/README.md).
+BLOCK = 8192
+# Anchor rows per chunk of the recomputation: every query row reads its entries of one chunk before
+# the next, so the rows of a chunk are read from cache (~20% faster than 512; flat from 2k up).
+RESOLVE_CHUNK = 2048
 
 
 def _gamma(d: int) -> float:
@@ -134,11 +166,11 @@ def _kernels():
 
 
 def exact_dots(queries: torch.Tensor, rows: torch.Tensor, anchors: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """float32 [n]: v = float32(<queries[rows[i]], anchors[cols[i]]> in float64), for each candidate i.
+    """float32 [n]: v = float32(<queries[rows[i]], anchors[cols[i]]> in float64), for each pair i.
 
-    One summation order for every pair, whatever block the anchor came in:
-    the same pair always gets the same value: the compiled running top-k
-    (asif.selection) recomputes candidates with this same ``dot``.
+    The exact value of the module docstring, for any pairs: the compiled
+    running top-k (asif.selection) recomputes its entries with this same
+    ``dot``, so a pair gets the same value from both.
     """
     q, a = queries.contiguous().numpy(), anchors.contiguous().numpy()
     r, c = rows.numpy(), cols.numpy()
@@ -219,17 +251,20 @@ def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
 
 
 def resolve_first_pass(first_pass: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Check a ``first_pass`` choice: "fp32" (the plain product, the default) or "bf16".
+    """Check a ``first_pass`` choice: "auto" (the default), "fp32" (the plain product) or "bf16".
 
-    "bf16" is exact (module docstring) but not faster everywhere: a stream
-    over 200k anchors recomputes ~5,000 candidates per query (~85 ns each
-    for d = 768), more where similarities crowd near the k-th value, as on
-    Fashion-MNIST (benchmarks/README.md). It is a float32 computation on the
-    CPU only.
+    "bf16" is exact (module docstring) and, where the CPU multiplies
+    bfloat16 fast (:func:`fast_bf16`), about half the time of the float32
+    pass (benchmarks/README.md). It is a float32 computation on the CPU
+    only. "auto" stays "auto" where "bf16" could run (float32 on the CPU)
+    and becomes "fp32" elsewhere; each stream then settles it with
+    :func:`choose_first_pass`.
     """
     from asif.errors import ASIFInputError
     if first_pass not in FIRST_PASSES:
         raise ASIFInputError(f"first_pass={first_pass!r}: use one of {', '.join(FIRST_PASSES)}")
+    if first_pass == "auto":
+        return "auto" if device.type == "cpu" and dtype == torch.float32 else "fp32"
     if first_pass == "bf16":
         if dtype != torch.float32:
             raise ASIFInputError(f"first_pass='bf16' recomputes candidates against float32 values; "
@@ -237,3 +272,14 @@ def resolve_first_pass(first_pass: str, device: torch.device, dtype: torch.dtype
         if device.type != "cpu":
             raise ASIFInputError("first_pass='bf16' is implemented for the CPU; on a GPU use dtype float16")
     return first_pass
+
+
+def choose_first_pass(first_pass: str, device: torch.device, similarities: int, compiled: bool) -> str:
+    """The pass one stream runs. "auto" becomes "bf16" where it is exact and pays: the compiled
+    selection is there, the stream has at least AUTO_MIN_SIMILARITIES similarities (query rows x
+    anchors), and :func:`fast_bf16` finds the CPU fast and the bound holding; else "fp32"."""
+    if first_pass != "auto":
+        return first_pass
+    if not compiled or similarities < AUTO_MIN_SIMILARITIES:
+        return "fp32"
+    return "bf16" if fast_bf16(device)[0] else "fp32"

@@ -159,6 +159,107 @@ def test_float32_pass_matches_float64_reference_both_selections(selection_way):
         np.testing.assert_allclose(np.sort(top.values.numpy(), 1), np.sort(ref_v, 1), atol=2e-6)
 
 
+def structured_small():
+    d = structured_coupled_data(n_anchors=5000, n_images=40, n_classes=4, n_templates=2, image_dim=64,
+                                text_dim=32, n_clusters=80)
+    return d["images"], d["anchor_images"]
+
+
+@pytest.mark.parametrize("capacity", [4.0, 1.1])
+@pytest.mark.parametrize("data", [near_tie_data, rounding_adversary, structured_small])
+def test_bf16_counts_and_buffer_growth_equal_the_reference(monkeypatch, capacity, data):
+    """Every count of a sweep is exact, and so is a row that outgrows its buffer (a small capacity
+    makes the bands overflow: the buffers grow and the rows take their block again)."""
+    from asif import selection
+    grown = []
+    grow = selection.BoundedRowBuffers._grow
+    monkeypatch.setattr(selection.BoundedRowBuffers, "CAPACITY", capacity)
+    monkeypatch.setattr(selection.BoundedRowBuffers, "_grow", lambda self: (grown.append(1), grow(self)))
+    q, a = data()
+    for k in (1, 150, 700):
+        counts = [1, k // 2 + 1, 2 * k + 3, len(a) // 2, len(a)]
+        for bs in (None, 97):
+            tops = ac.top_k_similarities(q, a, k, first_pass="bf16", block_size=bs, device="cpu",
+                                         anchor_counts=counts)
+            for n, top in zip(sorted(set(counts)), tops):
+                assert top.values.shape == (len(q), min(k, n))
+                assert_same_top_k(top, *reference_top_k(q, a[:n], k))
+    if capacity < 2:
+        assert grown  # the growth path ran
+
+
+def test_bf16_rows_with_no_positive_similarity_keep_their_k_entries():
+    """A row whose similarities are all negative holds k entries of value 0, like the float32 pass
+    (an interval entirely below 0 still reaches a k-th lower bound of 0)."""
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    a = np.array([[-1.0, 0.05], [-0.9, -0.3], [-0.3, 0.9], [-0.5, 0.2]], dtype=np.float32)
+    for counts in ([1, 2, 4], [4]):
+        fast = ac.top_k_similarities(q, a, 2, first_pass="bf16", device="cpu", anchor_counts=counts)
+        plain = ac.top_k_similarities(q, a, 2, device="cpu", anchor_counts=counts)
+        for f, p in zip(fast, plain):
+            assert f.values.shape == p.values.shape
+            assert torch.equal(f.values.sort(1).values, p.values.sort(1).values)
+    assert float(fast[-1].values[0].max()) == 0.0  # row 0 has no positive similarity
+
+
+def test_bf16_values_are_the_exact_dots_of_their_pairs():
+    q, a = structured_small()
+    top, = ac.top_k_similarities(q, a, 150, first_pass="bf16", device="cpu")
+    rows = torch.arange(len(q)).repeat_interleave(150)
+    want = precision.exact_dots(normalised(q), rows, normalised(a), top.indices.reshape(-1)).clamp(min=0)
+    assert torch.equal(top.values.reshape(-1), want)  # bit for bit: one definition of the exact value
+
+
+def test_resolve_refuses_to_give_unrecomputed_values():
+    from asif import selection
+    q, a = structured_small()
+    qn, an = normalised(q), normalised(a)
+    rows = selection.BoundedRowBuffers(qn.numpy(), np.full(len(q), 0.01), 20)
+    for start in (0, 100):
+        rows.absorb((qn.bfloat16() @ an[start:start + 100].bfloat16().T).view(torch.int16).numpy(), start)
+    with pytest.raises(RuntimeError, match="replay"):
+        rows.resolve([(100, an[100:200].numpy())])  # the first block is missing
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_kth_lower_bound_is_a_valid_bound_near_the_kth(quantised):
+    from asif.selection import _kth_lower_bound
+    rng = np.random.default_rng(0)
+    for n, k in ((1, 1), (5, 5), (300, 1), (300, 299), (4096, 800), (9000, 800)):
+        lo = rng.standard_normal(n) * 0.05 + 0.3
+        if quantised:  # bfloat16 values: a few hundred distinct ones, many ties
+            lo = torch.from_numpy(lo).bfloat16().double().numpy()
+        low = _kth_lower_bound(lo, n, k)
+        kth = np.sort(lo)[::-1][k - 1]
+        assert low <= kth and (lo >= low).sum() >= k  # valid: k entries are worth at least L
+        assert (lo > low).sum() <= k + 4 * n // 128 + 1  # and close: within a few sample steps of the k-th
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_takes_bf16_where_it_is_fast_and_the_stream_large(monkeypatch, fast):
+    from asif import selection
+    used = []
+    for cls in (selection.BoundedRowBuffers, selection.RowBuffers):
+        top = cls.top
+        monkeypatch.setattr(cls, "top", lambda self, top=top, cls=cls: (used.append(cls.__name__), top(self))[1])
+    monkeypatch.setitem(precision._FAST, "cpu", (fast, "as the test says"))
+    q, a = structured_small()
+    top, = ac.top_k_similarities(q, a, 150, device="cpu")  # first_pass="auto", the default
+    assert used == ["RowBuffers"]  # a small stream stays float32 without asking the CPU
+    assert ac.Compute.of("cpu").pass_for(len(q) * len(a)) == "fp32"
+    monkeypatch.setattr(precision, "AUTO_MIN_SIMILARITIES", 0)
+    used.clear()
+    top, = ac.top_k_similarities(q, a, 150, device="cpu")
+    assert used == ["BoundedRowBuffers" if fast else "RowBuffers"]
+    assert ac.Compute.of("cpu").pass_for(1) == ("bf16" if fast else "fp32")
+    assert ac.Compute.of("cpu", dtype="float64").pass_for(1) == "fp32"  # bf16 recomputes float32 only
+    ref_i, ref_v = reference_top_k(q, a, 150)
+    if fast:
+        assert_same_top_k(top, ref_i, ref_v)
+    else:
+        np.testing.assert_allclose(np.sort(top.values.numpy(), 1), np.sort(ref_v, 1), atol=2e-6)
+
+
 def test_bf16_needs_the_compiled_selection(monkeypatch):
     monkeypatch.setattr(ac, "COMPILED_SELECTION", False)
     q, a = near_tie_data()
@@ -187,7 +288,7 @@ def test_model_takes_the_first_pass():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(first_pass="fp16"), "first_pass='fp16'"),
+    (dict(first_pass="fp16"), "first_pass='fp16'.*auto, fp32, bf16"),
     (dict(first_pass="bf16", dtype="float64"), "float32"),
 ])
 def test_first_pass_errors_say_what_to_do(kw, words):
