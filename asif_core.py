@@ -156,11 +156,12 @@ class Compute:
         dt = resolve_dtype(dtype, dev)
         return cls(dev, dt, block_size, memory_budget, progress, precision.resolve_first_pass(first_pass, dev, dt))
 
-    def pass_for(self, similarities: int) -> str:
-        """The first pass a stream of ``similarities`` (query rows x anchors) runs: "fp32" or "bf16"
-        ("auto" settled by asif.precision.choose_first_pass)."""
+    def pass_for(self, similarities: int, n_counts: int = 1) -> str:
+        """The first pass a stream of ``similarities`` (query rows x anchors) snapshotting at
+        ``n_counts`` anchor counts runs: "fp32" or "bf16" ("auto" settled by
+        asif.precision.choose_first_pass)."""
         compiled = self.device.type == "cpu" and COMPILED_SELECTION and selection.available()
-        return precision.choose_first_pass(self.first_pass, self.device, similarities, compiled)
+        return precision.choose_first_pass(self.first_pass, self.device, similarities, compiled, n_counts)
 
 
 # ---------------------------------------------------------------------------
@@ -403,9 +404,10 @@ class _RunningTopK:
 
     On the CPU a compiled kernel (asif.selection) reads each block of
     similarities once, rows in parallel, keeping per row a buffer in anchor
-    order that it compacts to the k best when full. With ``first_pass="bf16"``
-    the block is a bfloat16 product and only its candidates are recomputed
-    exactly (asif.precision). On a GPU, entries above the threshold are
+    order that it compacts to the k best when full. With the bfloat16 first
+    pass the block is a bfloat16 product; entries are kept with their error
+    bounds and those still in play are recomputed exactly at each snapshot,
+    from the blocks ``replay`` gives again (asif.precision). On a GPU, entries above the threshold are
     collected block after block (it only rises, so a stale one lets through
     more, never too few) and merged into the top-k when they add up to about
     k per row, or when an exact state is needed.
@@ -593,7 +595,7 @@ def _stream(jobs: Sequence[StreamJob], k: int, counts: list[int], compute: Compu
     # The first block is scanned whole (nothing to compare with yet), so keep
     # it small; later blocks only pass on entries above the running k-th value.
     first = compute.block_size or min(bs, max(4 * k, 4096))
-    first_pass = compute.pass_for(rows * counts[-1])
+    first_pass = compute.pass_for(rows * counts[-1], len(counts))
     if first_pass == "bf16" and not compute.block_size:
         bs = first = min(bs, precision.BLOCK)  # its products are scanned from cache (asif.precision.BLOCK)
     bufs = [_block_buffer(bs, _shape(j.anchors)[1], compute) for j in jobs]
@@ -627,8 +629,8 @@ def top_k_similarities(queries, anchors, non_zeros: int = 800, *, anchor_counts:
         queries: [Q, d]; anchors: [N, d] (array, tensor, memmap or ShardedArray).
         anchor_counts: counts to snapshot at (default [N]), each exactly as if
             only the first n anchors existed, all in one pass.
-        first_pass: "auto" (the default: "bf16" for large streams on a CPU that
-            multiplies bfloat16 fast, else "fp32"), "fp32" (the plain product)
+        first_pass: "auto" (the default: "bf16" for a large stream with one
+            count on a CPU that multiplies bfloat16 fast, else "fp32"), "fp32" (the plain product)
             or "bf16": candidates from a bfloat16 product, the ones that can
             still be in the top-k recomputed exactly (asif.precision); the
             same top-k as float64 rounded to float32.

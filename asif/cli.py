@@ -159,7 +159,8 @@ def _pass_that_ran(args, images, prompts, rows) -> str:
     if str(args.device).startswith("cuda") or (args.device == "auto" and ac.pick_device("auto").type == "cuda"):
         return "fp32"
     compute = ac.Compute.of(args.device, args.dtype, first_pass=args.first_pass)
-    return compute.pass_for((len(images) + len(prompts)) * max(r["n_anchors"] for r in rows))
+    counts = {r["n_anchors"] for r in rows}
+    return compute.pass_for((len(images) + len(prompts)) * max(counts), len(counts))
 
 
 def _print_table(rows, columns) -> None:
@@ -244,7 +245,8 @@ def _add_stream_options(p) -> None:
                    help="bf16 (CPU): candidates from bfloat16 products, those that can still be in the top-k "
                         "recomputed exactly: the same top-k as float64 rounded to float32, in about half the time "
                         "where the CPU multiplies bfloat16 fast (AMX); fp32: plain float32 products; auto (default): "
-                        "bf16 for large runs where this CPU is found fast, else fp32 (benchmarks/README.md)")
+                        "bf16 for a large run with one anchor count where this CPU is found fast, else fp32 "
+                        "(benchmarks/README.md)")
     p.add_argument("--centre", action="store_true",
                    help="centre each modality on its anchors' mean before the cosines (default: off, the paper's "
                         "method; see `asif eval --help`)")

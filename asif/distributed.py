@@ -328,7 +328,7 @@ def sweep(anchor_images, anchor_texts, images, labels, prompts, n_classes: int, 
         first_pass if not str(device).startswith("cuda") else "fp32", return_scores, centre)
     centres = (jobs[0].centre, jobs[1].centre)
     # "auto" settled here, once for every shard, so that all of them compute the same values
-    first_pass = checked.pass_for(sum(j.queries.shape[0] for j in jobs) * counts[-1])
+    first_pass = checked.pass_for(sum(j.queries.shape[0] for j in jobs) * counts[-1], len(counts))
     ray = connect(address, num_cpus)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     smallest = min((int(r.get("CPU", 1)) for r in nodes), default=1)

@@ -1,7 +1,7 @@
 """`asif sweep` as a whole process against the same sweep in-process.
 
     python benchmarks/bench_cli.py                    # structured data, the reference shapes
-    python benchmarks/bench_cli.py --first-pass bf16  # the exact bfloat16 first pass
+    python benchmarks/bench_cli.py --first-pass fp32  # the float32 pass (default: auto, bf16 where fast)
 
 Writes structured synthetic embeddings (asif.synthetic.structured_coupled_data)
 as .npy files, then times, interleaved, best of ``--repeat``:
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--counts", type=int, nargs="+",
                     default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 200000])
-    ap.add_argument("--first-pass", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--first-pass", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -252,6 +252,10 @@ def test_auto_takes_bf16_where_it_is_fast_and_the_stream_large(monkeypatch, fast
     top, = ac.top_k_similarities(q, a, 150, device="cpu")
     assert used == ["BoundedRowBuffers" if fast else "RowBuffers"]
     assert ac.Compute.of("cpu").pass_for(1) == ("bf16" if fast else "fp32")
+    assert ac.Compute.of("cpu").pass_for(1, n_counts=3) == "fp32"  # a sweep stays float32 unless asked
+    used.clear()
+    ac.top_k_similarities(q, a, 150, device="cpu", anchor_counts=[1000, len(a)])
+    assert used == ["RowBuffers"] * 2
     assert ac.Compute.of("cpu", dtype="float64").pass_for(1) == "fp32"  # bf16 recomputes float32 only
     ref_i, ref_v = reference_top_k(q, a, 150)
     if fast:
