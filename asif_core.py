@@ -407,13 +407,13 @@ class _RunningTopK:
     order that it compacts to the k best when full. With the bfloat16 first
     pass the block is a bfloat16 product; entries are kept with their error
     bounds and those still in play are recomputed exactly at each snapshot,
-    from the blocks ``replay`` gives again (asif.precision). On a GPU, entries above the threshold are
-    collected block after block (it only rises, so a stale one lets through
+    from the blocks ``replay`` gives again (asif.precision). On a GPU,
+    entries above the threshold are collected block after block (it only rises, so a stale one lets through
     more, never too few) and merged into the top-k when they add up to about
     k per row, or when an exact state is needed.
     """
 
-    def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "auto", replay=None):
+    def __init__(self, queries: torch.Tensor, k: int, first_pass: str = "fp32", replay=None):
         self.queries = queries            # [Q, d] normalised, compute dtype
         self.k = k
         self.first_pass = first_pass

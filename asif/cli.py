@@ -244,7 +244,7 @@ def _add_stream_options(p) -> None:
     p.add_argument("--first-pass", choices=["auto", "fp32", "bf16"], default="auto",
                    help="bf16 (CPU): candidates from bfloat16 products, those that can still be in the top-k "
                         "recomputed exactly: the same top-k as float64 rounded to float32, in about half the time "
-                        "where the CPU multiplies bfloat16 fast (AMX); fp32: plain float32 products; auto (default): "
+                        "where the CPU multiplies bfloat16 fast (AMX); fp32: plain float32 products; auto: "
                         "bf16 for a large run with one anchor count where this CPU is found fast, else fp32 "
                         "(benchmarks/README.md)")
     p.add_argument("--centre", action="store_true",

@@ -40,8 +40,9 @@ gathers 1 and 2. Hence S > t implies S~ + e_q + c |S~| > t, i.e.
 
 which is :func:`candidate_threshold` (lowered by a further 1e-6 for the
 float32 arithmetic of the threshold itself). e_q holds a margin of 1e-6
-(MARGIN), which also covers rounding fl64(S) once to float32. Values count as max(S, 0), as
-everywhere in the method; clamping keeps every bound below in force.
+(MARGIN), which also covers rounding fl64(S) once to float32. Values
+count as max(S, 0), as everywhere in the method; clamping keeps every
+bound below in force.
 
 Recomputing lazily (asif.selection.BoundedRowBuffers)
 -----------------------------------------------------
