@@ -40,10 +40,16 @@ setup_venv() {
     echo "== pip install -e .[$1] (first time: several minutes, torch is large)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[$1]"
-    # numba compiles its kernels on first use (~10 s): here, so that the first run does not
+    echo "$want" > "$stamp"
+  fi
+  # numba compiles its kernels on first use (~10-20 s): here, so that the first run does not; again
+  # whenever a module with kernels changed (numba's disk cache is keyed on the source files)
+  local kstamp=".venv/.asif-kernels" kwant
+  kwant=$(cat $(grep -l "compiled_kernels(" asif/*.py) | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$kstamp" 2>/dev/null)" != "$kwant" ]; then
     echo "== compiling the kernels"
     .venv/bin/python -c "from asif.environment import compile_kernels; compile_kernels()"
-    echo "$want" > "$stamp"
+    echo "$kwant" > "$kstamp"
   fi
 }
 
