@@ -408,8 +408,9 @@ class _RunningTopK:
     pass the block is a bfloat16 product; entries are kept with their error
     bounds and those still in play are recomputed exactly at each snapshot,
     from the blocks ``replay`` gives again (asif.precision). On a GPU,
-    entries above the threshold are collected block after block (it only rises, so a stale one lets through
-    more, never too few) and merged into the top-k when they add up to about
+    entries above the threshold are collected block after block (it only
+    rises, so a stale one lets through more, never too few) and merged into
+    the top-k when they add up to about
     k per row, or when an exact state is needed.
     """
 

@@ -156,9 +156,7 @@ def _stream_names(args, *files: str) -> dict:
 def _pass_that_ran(args, images, prompts, rows) -> str:
     """"fp32" or "bf16": ``--first-pass`` with "auto" settled as the sweep settled it."""
     import asif_core as ac
-    if str(args.device).startswith("cuda") or (args.device == "auto" and ac.pick_device("auto").type == "cuda"):
-        return "fp32"
-    compute = ac.Compute.of(args.device, args.dtype, first_pass=args.first_pass)
+    compute = ac.Compute.of(args.device, args.dtype, first_pass=args.first_pass)  # "auto" is "fp32" off the CPU
     counts = {r["n_anchors"] for r in rows}
     return compute.pass_for((len(images) + len(prompts)) * max(counts), len(counts))
 

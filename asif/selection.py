@@ -163,6 +163,24 @@ def _kth_lower_bound(lo, n, k):  # pragma: no cover (compiled)
     return sample[a]
 
 
+def _reaches(v, exact, low, thr):  # pragma: no cover (compiled)
+    # Whether an entry can reach L (``low``): a recomputed value iff v >= L, a bfloat16 one iff
+    # v > thr, with thr = reach(L) (its upper bound is then >= L).
+    return v >= low if exact else v > thr
+
+
+def _keep_reaching(v, ex, i, n, low, thr):  # pragma: no cover (compiled)
+    # The entries of v[:n], ex[:n], i[:n] that can reach L, moved to the front in buffer order; returns their count.
+    w = 0
+    for x in range(n):
+        if reaches(v[x], ex[x], low, thr):
+            v[w] = v[x]
+            ex[w] = ex[x]
+            i[w] = i[x]
+            w += 1
+    return w
+
+
 def _compact_bounded(v, ex, i, n, k, e, rel, margin):  # pragma: no cover (compiled)
     # Keep, in buffer order, every entry whose interval reaches L, the k-th largest lower bound;
     # returns (kept, L). The buffer holds k entries worth at least L each, so the row's true k-th
@@ -171,15 +189,7 @@ def _compact_bounded(v, ex, i, n, k, e, rel, margin):  # pragma: no cover (compi
     for x in range(n):
         lo[x] = lower(v[x], ex[x], e, rel)
     low = kth_lower_bound(lo, n, k)
-    thr = reach(low, e, rel, margin)  # a bfloat16 value reaches L iff above it
-    w = 0
-    for x in range(n):
-        if (v[x] >= low) if ex[x] else (v[x] > thr):
-            v[w] = v[x]
-            ex[w] = ex[x]
-            i[w] = i[x]
-            w += 1
-    return w, low
+    return keep_reaching(v, ex, i, n, low, reach(low, e, rel, margin)), low
 
 
 def _absorb_bounded(keys, done, offset, err, rel, margin, buf_v, buf_x, buf_i, fill, low, k, room):  # pragma: no cover
@@ -218,20 +228,15 @@ def _absorb_bounded(keys, done, offset, err, rel, margin, buf_v, buf_x, buf_i, f
             for x in range(c):
                 lo[n + x] = lower(vals[x], 0, e, rel)
             lw = kth_lower_bound(lo, n + c, k)
-            thr = reach(lw, e, rel, margin)  # a bfloat16 value v can reach L iff v > thr; a recomputed one iff v >= L
+            thr = reach(lw, e, rel, margin)
             kept = 0
             for x in range(n):
-                kept += (v_row[x] >= lw) if x_row[x] else (v_row[x] > thr)
+                kept += reaches(v_row[x], x_row[x], lw, thr)
             for x in range(c):
                 kept += vals[x] > thr
             if kept > room:
                 continue  # not done: more room first
-            w = 0
-            for x in range(n):
-                if (v_row[x] >= lw) if x_row[x] else (v_row[x] > thr):
-                    v_row[w], x_row[w], i_row[w] = v_row[x], x_row[x], i_row[x]
-                    w += 1
-            n = w
+            n = keep_reaching(v_row, x_row, i_row, n, lw, thr)
             for x in range(c):
                 if vals[x] > thr:
                     v_row[n], x_row[n], i_row[n] = vals[x], 0, offset + cand[x]
@@ -299,6 +304,8 @@ compact = _compact
 push = _push
 bf16_floor_key = _bf16_floor_key
 lower = _lower
+reaches = _reaches
+keep_reaching = _keep_reaching
 reach = _reach
 kth_lower_bound = _kth_lower_bound
 compact_bounded = _compact_bounded
@@ -326,6 +333,8 @@ def kernels():
         g["candidate_threshold"] = inline(precision.candidate_threshold)
         g["lower"] = inline(_lower)
         g["reach"] = inline(_reach)
+        g["reaches"] = inline(_reaches)
+        g["keep_reaching"] = inline(_keep_reaching)
         g["compact_bounded"] = numba.njit(cache=True, nogil=True)(_compact_bounded)
         jit = numba.njit(parallel=True, cache=True, nogil=True)
         # fastmath only where the compiled dot is inlined (it lets LLVM split the sum into SIMD lanes)
