@@ -364,9 +364,17 @@ def _class_folders(dataset: str) -> dict[str, str]:
     return {k: v for k, v in table.items() if not k.startswith("_")}
 
 
-def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path], render) -> EvalDataset:
-    """Files labelled by their folder's first two levels, kept where that folder is in the class table."""
-    folders = _class_folders(dataset)
+def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path], render,
+                        split: str = "test") -> EvalDataset:
+    """Files labelled by their folder's first two levels, kept where that folder is in the class table.
+
+    ``split="validation"`` takes the table ``{dataset}-validation`` of classnames.json instead:
+    other folders of the same package, for choosing defaults without a test item; the
+    templates stay the dataset's own.
+    """
+    if split not in ("test", "validation"):
+        raise DataError(f"{dataset} has splits 'test' and 'validation', not {split!r}")
+    folders = _class_folders(dataset if split == "test" else f"{dataset}-validation")
     order = sorted(folders)
     paths, labels = [], []
     for p in files:
@@ -376,28 +384,30 @@ def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path]
             labels.append(order.index(category))
     ids = [file_id(p, root) for p in paths]
     identity = {"dataset": dataset, "classes": folders, "files_sha256": sha256_text("\n".join(ids))}
+    if split != "test":  # the test sets' cache keys stay as they were
+        identity["split"] = split
     images = LazyImages(len(paths), lambda i: render(paths[i]))
     return EvalDataset(dataset, images, np.asarray(labels, dtype=np.int64), [folders[c] for c in order],
                        load_templates(dataset), identity, ids,
                        keys=[debian.item_key(source, root, p) for p in paths])
 
 
-def _tuxpaint_photos(size: int = 224) -> EvalDataset:
+def _tuxpaint_photos(size: int = 224, split: str = "test") -> EvalDataset:
     """TuxPaint stamps, mostly photo cut-outs, labelled by category folder (classnames.json has the rule)."""
     from asif.images import render_svg
     root = debian.tuxpaint_root()
     files = [s.image for s in debian.tuxpaint_stamps(root)
              if s.text.exists() and "cartoon" not in s.image.relative_to(root).parts]
     return _labelled_by_folder("tuxpaint-photos", "tuxpaint", root, files,
-                               lambda p: render_svg(p, size) if p.suffix == ".svg" else p)
+                               lambda p: render_svg(p, size) if p.suffix == ".svg" else p, split)
 
 
-def _clipart_objects(size: int = 224) -> EvalDataset:
+def _clipart_objects(size: int = 224, split: str = "test") -> EvalDataset:
     """Openclipart drawings of things, labelled by category folder: a drawing domain held out of the anchors."""
     from asif.images import render_svg
     root = debian.openclipart_root()
     return _labelled_by_folder("clipart-objects", "clipart", root, debian.clipart_files(root),
-                               lambda p: render_svg(p, size))
+                               lambda p: render_svg(p, size), split)
 
 
 DATASETS = ("fashion-mnist", "tuxpaint-photos", "clipart-objects", "cifar10", "cifar100", "pets", "imagenet",
@@ -408,16 +418,18 @@ def load_dataset(name: str, split: str = "test", limit: int | None = None, seed:
     """An evaluation dataset by name (see ``DATASETS``).
 
     ``limit`` takes a seeded random subset (``ASIF_SMOKE=1`` sets a small one);
-    ``split`` is ``test`` or ``train`` where the dataset has both.
+    ``split`` is ``test`` or ``train`` where the dataset has both; the package sets
+    ``tuxpaint-photos`` and ``clipart-objects`` have ``test`` and ``validation`` (other
+    category folders of the same package, for choosing defaults).
     """
     limit = smoke_limit(limit)
     kind, _, arg = name.partition(":")
     if kind == "fashion-mnist":
         ds = fashion_mnist(split)
     elif kind == "tuxpaint-photos":
-        ds = _tuxpaint_photos()
+        ds = _tuxpaint_photos(split=split)
     elif kind == "clipart-objects":
-        ds = _clipart_objects()
+        ds = _clipart_objects(split=split)
     elif kind in ("cifar10", "cifar100", "pets"):
         ds = _torchvision(kind, split)
     elif kind == "imagenet":
