@@ -152,7 +152,8 @@ class EvalDataset:
         if any("{c}" not in t for t in temps):
             bad = next(t for t in temps if "{c}" not in t)
             raise DataError(f"template {bad!r} has no {{c}} placeholder for the class name")
-        return EvalDataset(self.name, self.images, self.labels, names, temps, self.identity, self.ids)
+        # the keys stay: renamed prompts do not make the images leave the anchors
+        return EvalDataset(self.name, self.images, self.labels, names, temps, self.identity, self.ids, self.keys)
 
     def subset(self, limit: int | None, seed: int = 0) -> "EvalDataset":
         """A seeded random subset of ``limit`` items (all when None), in dataset order."""

@@ -263,3 +263,35 @@ def test_tuxpaint_photos_leave_tuxpaint_anchors():
     assert not set(rest.parts[0].keys[j] for _, j in rest.order) & set(photos.keys)
     small = A.load_anchor_set("tuxpaint", limit=50, exclude=photos.keys)
     assert len(small) == 50 and small.ids == rest.ids[:50], "exclusion comes before the limit"
+
+
+@needs("tuxpaint-stamps-default")
+def test_own_templates_or_class_names_keep_test_items_out_of_the_anchors(tmp_path, monkeypatch):
+    """Renaming the prompts (``--templates``/``--classnames``) must not bring the test images back
+    into the anchors: a leak of this kind once lifted tuxpaint-photos from 50% to 74%."""
+    from asif import pipeline
+    photos = datasets.load_dataset("tuxpaint-photos")
+    renamed = photos.with_prompts(templates=["{c}"])
+    assert renamed.keys == photos.keys and renamed.prompts()[0] == photos.classnames[0]
+    monkeypatch.setenv("ASIF_CACHE", str(tmp_path))
+    choice = pipeline.Choice(dataset="tuxpaint-photos", anchor_set="tuxpaint", templates=["{c}"])
+    prepared = pipeline.prepare(choice, progress=False, limit=8, anchor_limit=16)
+    assert prepared.anchors.anchor_set.removed == len(set(photos.keys) & set(A.load_anchor_set("tuxpaint")
+                                                                            .parts[0].keys)) > 300
+    kept = prepared.anchors.anchor_set
+    assert len(prepared.anchors) == 16 and not {kept.parts[p].keys[j] for p, j in kept.order} & set(photos.keys)
+
+
+@needs("tuxpaint-stamps-default")
+@needs("openclipart-svg")
+def test_validation_splits_share_no_item_with_the_test_sets():
+    """The validation splits (for choosing defaults) are other folders of the same packages:
+    no item of a test set, every item also an anchor item, so they leave the anchors when used."""
+    for name, source in (("tuxpaint-photos", "tuxpaint"), ("clipart-objects", "clipart")):
+        test, val = datasets.load_dataset(name), datasets.load_dataset(name, split="validation")
+        assert len(val) >= 60 and not set(val.keys) & set(test.keys)
+        assert val.templates == test.templates and not set(val.classnames) & {"household object"}
+        assert set(val.keys) <= set(A.load_anchor_set(source).parts[0].keys)
+        assert val.identity["split"] == "validation" and "split" not in test.identity
+    with pytest.raises(DataError, match="splits 'test' and 'validation'"):
+        datasets.load_dataset("tuxpaint-photos", split="train")
