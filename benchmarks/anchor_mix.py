@@ -12,6 +12,10 @@ the simpler rule. k = 800, p = 8, reduce = max throughout.
 
 --centre runs the second round instead: union mixing with no centring, or
 centring the image side, the text side or both on the anchors' mean.
+
+--prompts runs the third round: the prompt style (each domain's templates,
+the class name alone, or both) on V1 and the validation splits of
+tuxpaint-photos (V5) and clipart-objects (V6), whose items leave the anchors.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ SOURCES = ("iconify", "clipart", "tuxpaint")
 HELD_OUT = {"clipart": 500, "tuxpaint": 250, "iconify": 500}
 TIE = 0.005
 CENTRINGS = ("none", "image", "text", "both")
+PROMPT_STYLES = ("dataset", "bare", "dataset+bare")
 
 
 def print_table(table: dict, corner: str) -> None:
@@ -62,9 +67,13 @@ def main():
     ap.add_argument("--exponent", type=float, default=8.0)
     ap.add_argument("--centre", action="store_true",
                     help="second round: score the centring candidates (none/image/text/both) with union mixing")
+    ap.add_argument("--prompts", action="store_true",
+                    help="third round: score the prompt styles (dataset/bare/dataset+bare) on V1, V5, V6")
     args = ap.parse_args()
     start = time.perf_counter()
     img_enc, txt_enc = load_image_encoder(), load_text_encoder()
+    if args.prompts:
+        return prompt_round(args, img_enc, txt_enc, start)
     test_keys = set(datasets.load_dataset("tuxpaint-photos").keys) | set(datasets.load_dataset("clipart-objects").keys)
     aset = load_anchor_set("+".join(SOURCES))
     union = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
@@ -131,6 +140,53 @@ def centre_round(args, score, start: float) -> None:
         Path(args.json).write_text(json.dumps({"scores": table, "gain": gain, "admissible": admissible,
                                                "chosen": chosen, "non_zeros": args.non_zeros,
                                                "exponent": args.exponent}, indent=2) + "\n")
+
+
+def styled(templates: list[str], style: str) -> list[str]:
+    """The templates of a prompt style: the domain's own, the class name alone, or both."""
+    return {"dataset": templates, "bare": ["{c}"], "dataset+bare": [*templates, "{c}"]}[style]
+
+
+def counted(right: np.ndarray, base: np.ndarray) -> float:
+    """The accuracy difference of ``right`` over ``base`` (bool [n], the same images) where it
+    exceeds 0.5 points and one paired standard error sqrt(n01 + n10) / n; else 0."""
+    diff = float(right.mean() - base.mean())
+    se = np.sqrt(np.sum(right != base)) / len(right)
+    return diff if abs(diff) > max(TIE, se) else 0.0
+
+
+def prompt_round(args, img_enc, txt_enc, start: float) -> None:
+    """The third round of docs/default_anchors.md: prompt styles against ``dataset``, union mixing."""
+    v1 = cache.load_eval_embeddings("fashion-mnist", img_enc, txt_enc, split="train", limit=2000, progress=True)
+    val = {"V1 fashion-mnist-train": v1.dataset}
+    for name in ("tuxpaint-photos", "clipart-objects"):
+        val[f"{'V5' if name == 'tuxpaint-photos' else 'V6'} {name}-validation"] = \
+            datasets.load_dataset(name, split="validation")
+    shared = [k for ds in val.values() for k in (ds.keys or ())]
+    anchors = cache.load_anchor_embeddings("+".join(SOURCES), img_enc, txt_enc, exclude=shared, progress=True)
+    print(f"{len(anchors)} anchors, {anchors.anchor_set.removed} shared with the validation sets removed")
+    right, table = {}, {}
+    for v, ds in val.items():
+        for style in PROMPT_STYLES:
+            emb = cache.load_eval_embeddings(ds.with_prompts(templates=styled(ds.templates, style)),
+                                             img_enc, txt_enc, progress=True)
+            scores = ac.classify(anchors.A_img, anchors.A_txt, emb.images, emb.prompts, len(emb.classnames),
+                                 non_zeros=args.non_zeros, exponent=args.exponent, reduce="max")
+            right[v, style] = np.asarray(scores).argmax(1) == emb.labels
+            table.setdefault(style, {})[v] = float(right[v, style].mean())
+    gain = {s: {v: counted(right[v, s], right[v, "dataset"]) for v in val} for s in PROMPT_STYLES[1:]}
+    admissible = [s for s, g in gain.items() if min(g.values()) >= 0 and max(g.values()) > 0]
+    mean_gain = {s: float(np.mean([table[s][v] - table["dataset"][v] for v in val])) for s in PROMPT_STYLES[1:]}
+    chosen = max(admissible, key=mean_gain.get) if admissible else "dataset"
+    print_table(table, "prompts")
+    print("differences that count:", {s: {v: round(100 * g, 1) for v, g in gs.items()} for s, gs in gain.items()})
+    print("admissible:", admissible, " chosen:", chosen, f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scores": table, "counted": gain, "mean_gain": mean_gain,
+                                               "admissible": admissible, "chosen": chosen,
+                                               "n_anchors": len(anchors), "sizes": {v: len(d) for v, d in val.items()},
+                                               "non_zeros": args.non_zeros, "exponent": args.exponent},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":
