@@ -143,8 +143,10 @@ def centre_round(args, score, start: float) -> None:
 
 
 def styled(templates: list[str], style: str) -> list[str]:
-    """The templates of a prompt style: the domain's own, the class name alone, or both."""
-    return {"dataset": templates, "bare": ["{c}"], "dataset+bare": [*templates, "{c}"]}[style]
+    """The templates of a prompt style: the domain's own, the class name alone, or both
+    (the lists of templates.json end with the bare name since this round chose it)."""
+    own = [t for t in templates if t != "{c}"]
+    return {"dataset": own, "bare": ["{c}"], "dataset+bare": [*own, "{c}"]}[style]
 
 
 def counted(right: np.ndarray, base: np.ndarray) -> float:
