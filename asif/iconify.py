@@ -46,13 +46,13 @@ from asif.errors import DataError, FetchError, ImageLoadError, StorageError
 from asif.storage import atomic_write, atomic_write_json, read_json, slug
 
 __all__ = ["ICONIFY_VERSION", "ICONIFY_INTEGRITY", "fetch_package", "load_index", "prerender", "icon_png",
-           "canonical_name", "set_is_excluded", "credits_markdown"]
+           "canonical_name", "set_is_excluded", "family_category", "credits_markdown"]
 
 ICONIFY_VERSION = "2.2.535"
 # npm's integrity string of that version's tarball (sha512, base64): the download must match it.
 ICONIFY_INTEGRITY = "sha512-nAV60ACUSHwnsb6fsp+letHlNkrwO4vzBtcC6B4EDHErQQfezk7E3nJdnwJjve6OCfMNO0uVT5Vrgna9/NCmXw=="
 NPM_REGISTRY = "https://registry.npmjs.org/"
-INDEX_FORMAT = "asif-iconify-index/1"   # bump when a rule below changes: the index is rebuilt
+INDEX_FORMAT = "asif-iconify-index/2"   # bump when a rule below changes: the index is rebuilt
 
 EXCLUDED_CATEGORIES = {
     "Emoji": "emoji are a held-out test domain",
@@ -62,7 +62,9 @@ EXCLUDED_CATEGORIES = {
 }
 # Emoji sets that are filed under no category, or under another one.
 EMOJI_WORDS = ("emoji", "twemoji", "openmoji", "noto", "fxemoji")
-EXCLUDED_NAME_TOKENS = {"logo", "logos", "brand", "brands", "flag", "flags", "social"}
+# "wordmark": a logo drawn as lettering; "transition": an animation that morphs one icon into
+# another ("circle to confirm circle transition"), so the name names two things.
+EXCLUDED_NAME_TOKENS = {"logo", "logos", "brand", "brands", "flag", "flags", "social", "wordmark", "transition"}
 # Sets named for logos (brand sets filed under other categories, e.g. archived ones).
 LOGO_WORDS = ("brand", "logo")
 # Tokens that name a style, not a thing: dropped from the end of a name.
@@ -72,6 +74,9 @@ STYLE_TOKENS = {
     "mini", "micro", "small", "tiny", "big", "large", "sm", "lg", "md", "xs", "xl", "thick", "stroke", "stroked",
     "dot", "dotted", "dashed", "color", "colored", "mono", "flat", "glyph", "variant", "box", "square", "circle",
     "v1", "v2", "v3", "r", "s", "f", "l", "b",
+    # variant words of single large sets: Streamline "remix", line-md's animated "loop",
+    # NRK "expressive", Clarity's "badged"/"alerted" (a dot on the icon)
+    "remix", "loop", "expressive", "badged", "alerted",
 }
 LEADING_STYLE_TOKENS = {"baseline", "outline", "outlined", "round", "rounded", "sharp", "twotone", "filled", "solid"}
 CANVAS, ICON_SIZE = 224, 168
@@ -97,11 +102,30 @@ def canonical_name(name: str) -> str | None:
     return " ".join(tokens)
 
 
-def set_is_excluded(prefix: str, info: dict) -> str | None:
-    """Why a set is left out of the anchors, or None when it is kept."""
+def family_category(prefix: str, categories: dict) -> str | None:
+    """The category of a set's family: that of the longest prefix ``a-b`` of ``a-b-c`` that has one
+    (``devicon-original`` carries none; its family ``devicon`` is "Programming")."""
+    parts = prefix.split("-")
+    for n in range(len(parts) - 1, 0, -1):
+        category = categories.get("-".join(parts[:n]))
+        if category:
+            return category
+    return None
+
+
+def set_is_excluded(prefix: str, info: dict, categories: dict | None = None) -> str | None:
+    """Why a set is left out of the anchors, or None when it is kept.
+
+    ``categories``: {prefix: category} of the whole package; a set without a
+    category of its own is judged by its family's (``family_category``).
+    """
     category = info.get("category")
+    inherited = not category and categories is not None and family_category(prefix, categories)
+    if inherited:
+        category = inherited
     if category in EXCLUDED_CATEGORIES:
-        return EXCLUDED_CATEGORIES[category]
+        why = EXCLUDED_CATEGORIES[category]
+        return f"{why} (the category of its family)" if inherited else why
     words = f"{prefix} {info.get('name', '')}".lower()
     if any(w in words for w in EMOJI_WORDS):
         return "an emoji set: emoji are a held-out test domain"
@@ -175,12 +199,9 @@ def _read_sets(tgz: Path):
 def build_index(tgz: Path) -> dict:
     """One record per distinct name: {name, prefix, icon, body, width, height, left, top}, plus the sets."""
     candidates: dict[str, list] = {}
-    sets, skipped = {}, {}
-    for prefix, info, data in _read_sets(tgz):
-        why = set_is_excluded(prefix, info)
-        if why:
-            skipped[prefix] = why
-            continue
+    sets, skipped, categories, undecided = {}, {}, {}, []
+
+    def keep(prefix, info, data):
         sets[prefix] = {"name": info.get("name", prefix), "license": info.get("license", {}),
                         "author": info.get("author", {}), "icons": 0}
         default_w, default_h = data.get("width", 16), data.get("height", 16)
@@ -188,10 +209,26 @@ def build_index(tgz: Path) -> dict:
             name = canonical_name(icon)
             if name is None or spec.get("hidden"):
                 continue
-            body = spec.get("body", "")
             candidates.setdefault(name, []).append(
-                (prefix, icon, body, spec.get("width", default_w), spec.get("height", default_h),
+                (prefix, icon, spec.get("body", ""), spec.get("width", default_w), spec.get("height", default_h),
                  spec.get("left", 0), spec.get("top", 0)))
+
+    for prefix, info, data in _read_sets(tgz):
+        categories[prefix] = info.get("category")
+        why = set_is_excluded(prefix, info)
+        if why:
+            skipped[prefix] = why
+        elif info.get("category"):
+            keep(prefix, info, data)
+        else:  # judged by its family's category once every set's is known
+            undecided.append((prefix, info, {"width": data.get("width"), "height": data.get("height"),
+                                             "icons": data.get("icons", {})}))
+    for prefix, info, data in undecided:
+        why = set_is_excluded(prefix, info, categories)
+        if why:
+            skipped[prefix] = why
+        else:
+            keep(prefix, info, {k: v for k, v in data.items() if v is not None})
     records = []
     for name in sorted(candidates):
         options = sorted(candidates[name])

@@ -32,6 +32,11 @@ SETS = [
     icon_set("simple-icons", "Logos", "CC0-1.0", {"github": {"body": SQUARE}}),
     icon_set("ps", None, "CC-BY-NC-4.0", {"tree": {"body": SQUARE}}),
     icon_set("fa6-brands", "Archive / Unmaintained", "CC-BY-4.0", {"safari": {"body": SQUARE}}, name="Font Awesome Brands"),
+    # a set without a category is judged by its family's: devicon-original is a devicon, "Programming"
+    icon_set("devicon-original", None, "MIT", {"vue": {"body": SQUARE}}, name="Devicon Original"),
+    icon_set("devicon", "Programming", "MIT", {"react": {"body": SQUARE}}),
+    # ... and one with no family is kept
+    icon_set("bubbles", None, "MIT", {"kite-remix": {"body": SQUARE}}),
 ]
 
 
@@ -64,7 +69,13 @@ def test_names_collapse_style_variants_and_drop_logos():
     assert iconify.canonical_name("bath-shower-24px") == "bath shower"
     assert iconify.canonical_name("circle") == "circle"  # a style word alone is a thing
     assert iconify.canonical_name("arrow-up-16") == "arrow up"
-    for excluded in ("logo-github", "brand-twitter", "flag-de", "social-medium", "2x", "x"):
+    # the variant words of single large sets go too, from the end, one after another
+    assert iconify.canonical_name("travel-places-hot-spring-remix") == "travel places hot spring"
+    assert iconify.canonical_name("alarm-clock-solid-alerted") == "alarm clock"
+    assert iconify.canonical_name("moon-twotone-loop") == "moon"
+    assert iconify.canonical_name("bell-off") == "bell off"  # "off" names a state, not a style
+    for excluded in ("logo-github", "brand-twitter", "flag-de", "social-medium", "2x", "x", "adonisjs-wordmark",
+                     "circle-to-confirm-circle-transition"):
         assert iconify.canonical_name(excluded) is None, excluded
 
 
@@ -73,16 +84,25 @@ def test_set_exclusions_say_why():
     assert why["mdi"] is None and why["tabler"] is None
     assert "emoji" in why["twemoji"] and "emoji" in why["fluent-emoji"]
     assert "logo" in why["simple-icons"] and "non-commercial" in why["ps"] and "logo" in why["fa6-brands"]
+    assert why["devicon-original"] is None, "alone, an uncategorised set says nothing against it"
+    categories = {s["prefix"]: s["info"]["category"] for s in SETS}
+    assert iconify.family_category("devicon-original", categories) == "Programming"
+    assert iconify.family_category("bubbles", categories) is None and iconify.family_category("mdi-x", {}) is None
+    family = iconify.set_is_excluded("devicon-original", SETS[-3]["info"], categories)
+    assert "programming" in family and "family" in family
+    assert iconify.set_is_excluded("bubbles", SETS[-1]["info"], categories) is None
 
 
 def test_index_keeps_one_icon_per_name_from_allowed_sets(package, tmp_path):
     index = iconify.load_index(progress=False)
     names = [r["name"] for r in index["icons"]]
-    assert names == sorted({"heart", "shoe sneaker", "wide", "broken", "empty", "bath shower"})
+    assert names == sorted({"heart", "shoe sneaker", "wide", "broken", "empty", "bath shower", "kite"})
     heart = next(r for r in index["icons"] if r["name"] == "heart")
     assert (heart["prefix"], heart["icon"]) in {("mdi", "heart"), ("mdi", "heart-outline"), ("tabler", "heart-filled")}
-    assert set(index["sets"]) == {"mdi", "tabler"}
-    assert set(index["excluded_sets"]) == {"twemoji", "fluent-emoji", "simple-icons", "ps", "fa6-brands"}
+    assert set(index["sets"]) == {"mdi", "tabler", "bubbles"}
+    assert set(index["excluded_sets"]) == {"twemoji", "fluent-emoji", "simple-icons", "ps", "fa6-brands",
+                                           "devicon-original", "devicon"}
+    assert "family" in index["excluded_sets"]["devicon-original"]
     assert next(r for r in index["icons"] if r["name"] == "wide")["width"] == 48
     assert iconify.load_index(progress=False) == index  # the second time from the cache
     assert "| Mdi (`mdi`) |" in iconify.credits_markdown(index)
@@ -121,9 +141,9 @@ def test_anchor_source_skips_unrenderable_icons(package, fake_encoders, tmp_path
     from asif.cache import load_anchor_embeddings
     img, txt = fake_encoders
     a = load_anchor_embeddings("iconify", img, txt, progress=False)
-    assert sorted(a.captions) == ["bath shower", "heart", "shoe sneaker", "wide"]
+    assert sorted(a.captions) == ["bath shower", "heart", "kite", "shoe sneaker", "wide"]
     assert {d["id"] for d in a.dropped} == {"mdi:broken", "mdi:empty"}
-    assert all(i.split(":")[0] in ("mdi", "tabler") for i in a.ids)
+    assert all(i.split(":")[0] in ("mdi", "tabler", "bubbles") for i in a.ids)
 
 
 @pytest.mark.parametrize("mode,kind", [("corrupt", "archive"), ("html", "html"), ("404", "not_found")])
