@@ -229,7 +229,7 @@ def _tuxpaint(root: Path | None = None, size: int = 224) -> CoupledData:
 # --- icons (npm @iconify/json) -----------------------------------------------------
 
 def _iconify(root=None) -> CoupledData:
-    """~55k distinct named icons; see asif.iconify for which ones and why."""
+    """~52k distinct named icons; see asif.iconify for which ones and why."""
     from asif import iconify
     index = iconify.load_index(root)
     records = index["icons"]

@@ -172,7 +172,7 @@ def test_real_encoders_through_cache(tmp_path):
     image_encoder, text_encoder = load_image_encoder(), load_text_encoder()
     e = C.load_eval_embeddings("fashion-mnist", image_encoder, text_encoder, limit=16, root=tmp_path,
                                progress=False)
-    assert e.images.shape == (16, image_encoder.dim) and e.prompts.shape == (60, text_encoder.dim)
+    assert e.images.shape == (16, image_encoder.dim) and e.prompts.shape == (10 * len(e.templates), text_encoder.dim)
     np.testing.assert_allclose(np.linalg.norm(e.images, axis=1), 1, atol=1e-4)
     calls = []
     real = image_encoder.encode
