@@ -205,6 +205,13 @@ def _cpu_flags() -> set:
     return set()
 
 
+def bf16_instructions() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AMX-BF16 or AVX512-BF16); True where
+    /proc/cpuinfo does not tell (the probe of :func:`fast_bf16` then decides)."""
+    flags = _cpu_flags()
+    return not flags or bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
 def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
     """(usable, why): whether a bfloat16 first pass pays off on this device, detected once per process.
 
@@ -220,8 +227,7 @@ def fast_bf16(device: torch.device | str = "cpu") -> tuple[bool, str]:
     if device.type != "cpu":
         _FAST[key] = (False, f"the exact bfloat16 first pass is implemented for the CPU; {device.type} uses its dtype")
         return _FAST[key]
-    flags = _cpu_flags()
-    if flags and not ({"amx_bf16", "avx512_bf16"} & flags):
+    if not bf16_instructions():
         _FAST[key] = (False, "this CPU has no bfloat16 dot-product instructions (amx_bf16, avx512_bf16)")
         return _FAST[key]
     g = torch.Generator().manual_seed(0)
@@ -284,7 +290,12 @@ def choose_first_pass(first_pass: str, device: torch.device, similarities: int, 
     else "fp32". A sweep over several counts stays "fp32": each count needs its own exact values,
     and a count of a few thousand anchors holds nearly all of them, so the recomputation can cost
     more than the product saves (on the real Fashion-MNIST sweep, 8.3 s against 7.8 s;
-    benchmarks/README.md). ``first_pass="bf16"`` still runs it there when asked."""
+    benchmarks/README.md). ``first_pass="bf16"`` still runs it there when asked, except on a CPU
+    without bfloat16 instructions: there torch emulates the product, whose accumulation the bound
+    was not checked for, so it runs "fp32", the same exact top-k (this also covers a Ray worker on
+    such a CPU when the driver's CPU settled "auto" as "bf16")."""
+    if first_pass == "bf16" and not bf16_instructions():
+        return "fp32"
     if first_pass != "auto":
         return first_pass
     if not compiled or n_counts != 1 or similarities < AUTO_MIN_SIMILARITIES:

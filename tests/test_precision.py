@@ -264,6 +264,29 @@ def test_auto_takes_bf16_where_it_is_fast_and_the_stream_large(monkeypatch, fast
         np.testing.assert_allclose(np.sort(top.values.numpy(), 1), np.sort(ref_v, 1), atol=2e-6)
 
 
+def test_bf16_runs_as_fp32_on_a_cpu_without_the_instructions(monkeypatch):
+    """There torch emulates the bfloat16 product, which the bound was not checked for: an explicit
+    "bf16" (or a Ray shard whose driver settled "auto" as "bf16") runs the float32 pass instead,
+    with the same exact result."""
+    from asif import selection
+    used = []
+    for cls in (selection.BoundedRowBuffers, selection.RowBuffers):
+        top = cls.top
+        monkeypatch.setattr(cls, "top", lambda self, top=top, cls=cls: (used.append(cls.__name__), top(self))[1])
+    q, a = structured_small()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "avx2", "fma"})
+    assert not precision.bf16_instructions()
+    assert precision.choose_first_pass("bf16", torch.device("cpu"), 10**9, True) == "fp32"
+    top, = ac.top_k_similarities(q, a, 150, first_pass="bf16", device="cpu")
+    plain, = ac.top_k_similarities(q, a, 150, first_pass="fp32", device="cpu")
+    assert used == ["RowBuffers", "RowBuffers"]
+    assert torch.equal(top.indices, plain.indices) and torch.equal(top.values, plain.values)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"fpu", "avx512_bf16"})
+    assert precision.bf16_instructions() and precision.choose_first_pass("bf16", torch.device("cpu"), 1, True) == "bf16"
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: set())  # /proc/cpuinfo unreadable: the probe decides
+    assert precision.bf16_instructions()
+
+
 def test_bf16_needs_the_compiled_selection(monkeypatch):
     monkeypatch.setattr(ac, "COMPILED_SELECTION", False)
     q, a = near_tie_data()
