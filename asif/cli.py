@@ -809,7 +809,10 @@ def _add_run_commands(sub) -> None:
                         "(online, torchvision); imagenet:PATH (a local validation folder, one wnid subfolder per "
                         "class); imagefolder:PATH (your folder: one subfolder per class, the sorted subfolder "
                         "names are the classes, '_' read as a space)")
-    p.add_argument("--split", default="test", help="the dataset's split: test, or train (fashion-mnist, cifar, pets), or validation (tuxpaint-photos, clipart-objects: other category folders, for choosing defaults); folders have none")
+    p.add_argument("--split", default="test",
+                   help="the dataset's split: test, or train (fashion-mnist, cifar, pets), or validation "
+                        "(tuxpaint-photos, clipart-objects: other category folders, for choosing defaults); "
+                        "folders have none")
     p.add_argument("--classnames", nargs="+", metavar="NAME", default=None,
                    help="class names in label order (a folder's: its sorted subfolders) in place of the "
                         "dataset's own; one argument that names a file reads one name per line")

@@ -83,6 +83,31 @@ def per_class_recall(confusion: np.ndarray) -> np.ndarray:
         return np.where(n > 0, np.diag(confusion) / np.maximum(n, 1), np.nan)
 
 
+def source_share(indices, sources, n_sources: int, values=None, exponent: float = 1.0) -> np.ndarray:
+    """Which source fills top-k lists: float64 [n_sources], summing to 1.
+
+    ``indices``: [Q, k] anchor indices; ``sources``: int [N], the source of
+    each anchor. Without ``values``: each source's share of all entries.
+    With ``values`` ([Q, k] similarities): each row's weight
+    max(v, 0) ** ``exponent`` is split by source and the rows are averaged,
+    so the value says where a relative representation's weight comes from
+    (a row with no positive value counts by entries).
+    """
+    idx = np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices)
+    src = np.asarray(sources)[idx]
+    if idx.size == 0 or n_sources < 1:
+        raise ValueError("source_share: needs entries and n_sources >= 1")
+    if values is None:
+        return np.bincount(src.ravel(), minlength=n_sources) / src.size
+    v = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64)
+    w = np.maximum(v, 0) ** exponent
+    total = w.sum(1, keepdims=True)
+    w = np.where(total > 0, w / np.where(total > 0, total, 1), 1 / idx.shape[1])
+    share = np.zeros(n_sources)
+    np.add.at(share, src.ravel(), w.ravel())
+    return share / idx.shape[0]
+
+
 def hub_share(indices, n_anchors: int, fraction: float = 0.01) -> float:
     """Hubness of top-k lists: the share of all their entries that fall on the ``fraction`` of the
     ``n_anchors`` anchors that appear in most lists. ``indices``: [Q, k] anchor indices.

@@ -87,3 +87,18 @@ def test_hub_share_counts_the_most_listed_anchors():
     hubs = np.tile(np.arange(10), (50, 2))  # 10 anchors fill every list
     assert metrics.hub_share(hubs, 1000, 0.01) == 1.0
     assert metrics.hub_share(np.arange(1000).reshape(50, 20), 1000, 0.01) == pytest.approx(0.01)
+
+
+def test_source_share_by_entries_and_by_weight():
+    sources = np.array([0, 0, 1, 2, 2, 2])
+    idx = np.array([[0, 2, 3], [1, 4, 5]])
+    np.testing.assert_allclose(metrics.source_share(idx, sources, 3), [2 / 6, 1 / 6, 3 / 6])
+    vals = np.array([[0.5, 0.5, -0.2], [0.0, 0.0, 0.0]])  # row 2: no positive value, counted by entries
+    by_weight = metrics.source_share(idx, sources, 3, vals, exponent=2.0)
+    np.testing.assert_allclose(by_weight, [(0.5 + 1 / 3) / 2, 0.5 / 2, (2 / 3) / 2])
+    assert by_weight.sum() == pytest.approx(1.0) and by_weight.shape == (3,)
+    # a larger exponent moves the weight to the largest value
+    sharp = metrics.source_share(np.array([[0, 2]]), sources, 3, np.array([[0.9, 0.6]]), exponent=8.0)
+    assert sharp[0] == pytest.approx(0.9 ** 8 / (0.9 ** 8 + 0.6 ** 8)) and sharp[0] > 0.9
+    with pytest.raises(ValueError):
+        metrics.source_share(np.zeros((0, 3), int), sources, 3)
