@@ -558,7 +558,8 @@ def _left_out(prepared) -> str:
     image failed, anchor items skipped while listing (no caption ...)."""
     from collections import Counter
     parts = []
-    for what, items, key in (("test images unreadable", prepared.evals.dropped, None),
+    split = prepared.evals.dataset.identity.get("split", "test")
+    for what, items, key in ((f"{split} images unreadable", prepared.evals.dropped, None),
                              ("anchor pairs with an unreadable image", prepared.anchors.dropped, None),
                              ("anchor items skipped while listing", prepared.anchors.anchor_set.skipped, "reason")):
         if items:

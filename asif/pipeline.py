@@ -226,7 +226,7 @@ class ZeroShotRun:
         return (f"top-1 accuracy {100 * top['acc1']:.1f}% with all {top['n_anchors']} anchors, "
                 f"p = {top['exponent']:g}, k = {top['non_zeros']}, reduce = {top['reduce']} "
                 f"(chance {100 * self.chance:.1f}%, majority class {100 * p['majority_class_rate']:.1f}%; "
-                f"{p['n_test']} test images)")
+                f"{p['n_test']} {p.get('split', 'test')} images)")
 
     def save(self, path) -> Path:
         """Write the JSON atomically."""
