@@ -401,7 +401,7 @@ def _add_encoder_commands(sub) -> None:
     p.add_argument("--from-file", metavar="PATH", help="read texts from PATH, one per line (after any TEXT)")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder name or folder (see `asif encoders`)")
     p.add_argument("--out", required=True, help="output .npy")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
     p.set_defaults(func=cmd_embed_texts)
