@@ -49,7 +49,10 @@ class CoupledData:
     {language: caption} where the source has them; ``skipped``: items left out
     while listing, with the reason; ``keys``: N item keys shared with test
     sets read from the same package (asif.debian.item_key), None where no
-    test set can come from this source.
+    test set can come from this source; ``one_per_caption``: keep one pair per
+    distinct caption (``AnchorSet.one_per_caption``), for sources whose
+    captions are not written per item (Openclipart's theme titles, TuxPaint's
+    variants of one stamp), never for captions written from labels.
     """
     name: str
     images: Sequence
@@ -59,6 +62,7 @@ class CoupledData:
     translations: list[dict] | None = None
     skipped: list[dict] = field(default_factory=list)
     keys: list[str] | None = None
+    one_per_caption: bool = False
 
     def __len__(self):
         return len(self.captions)
@@ -76,6 +80,7 @@ class AnchorSet:
     def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray, removed: int = 0):
         self.name, self.parts, self.order = name, parts, np.asarray(order, dtype=np.int64).reshape(-1, 2)
         self.removed = removed  # pairs left out because a test set holds the same items
+        self.repeated = 0       # pairs left out because an earlier pair of their source has their caption
 
     def __len__(self):
         return len(self.order)
@@ -115,7 +120,9 @@ class AnchorSet:
         """The first ``n`` anchors of the order (all when None)."""
         if n is None or n >= len(self):
             return self
-        return AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n], self.removed)
+        out = AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n], self.removed)
+        out.repeated = self.repeated
+        return out
 
     def without(self, keys) -> "AnchorSet":
         """The anchors minus every pair whose item is in ``keys`` (the item keys of a test set read
@@ -125,7 +132,29 @@ class AnchorSet:
             return self
         drop = np.array([self.parts[p].keys is not None and self.parts[p].keys[j] in keys for p, j in self.order],
                         dtype=bool)
-        return AnchorSet(self.name, self.parts, self.order[~drop], self.removed + int(drop.sum()))
+        out = AnchorSet(self.name, self.parts, self.order[~drop], self.removed + int(drop.sum()))
+        out.repeated = self.repeated
+        return out
+
+    def one_per_caption(self) -> "AnchorSet":
+        """Within each source that asks for it (``CoupledData.one_per_caption``), one pair per
+        distinct caption: the first in the source's own order among the pairs held; the anchor
+        order of the rest is kept, ``repeated`` counts what left.
+
+        Pairs that share a caption share one text embedding, so they enter every text top-k
+        together, and the caption tells none of their images apart (1,375 Openclipart stars
+        read "gramastar. stars, shapes, magick, geometry.").
+        """
+        if not any(part.one_per_caption for part in self.parts):
+            return self
+        first = {}
+        for p, j in sorted(map(tuple, self.order.tolist())):
+            first.setdefault((p, self.parts[p].captions[j]), j)
+        keep = np.array([not self.parts[p].one_per_caption or first[(p, self.parts[p].captions[j])] == j
+                         for p, j in self.order], dtype=bool)
+        out = AnchorSet(self.name, self.parts, self.order[keep], self.removed)
+        out.repeated = self.repeated + int((~keep).sum())
+        return out
 
     @property
     def skipped(self) -> list[dict]:
@@ -184,7 +213,7 @@ def _clipart(root: Path | None = None, size: int = 224) -> CoupledData:
     identity = {"anchors": "clipart", "render": {"size": size, "background": "white", "renderer": "cairosvg"},
                 "files_sha256": sha256_text("\n".join(ids))}
     return CoupledData("clipart", images, captions, ids, identity, skipped=skipped,
-                       keys=[debian.item_key("clipart", root, p) for p in keep])
+                       keys=[debian.item_key("clipart", root, p) for p in keep], one_per_caption=True)
 
 
 # --- TuxPaint stamps -------------------------------------------------------------
@@ -223,7 +252,7 @@ def _tuxpaint(root: Path | None = None, size: int = 224) -> CoupledData:
     identity = {"anchors": "tuxpaint", "render": {"size": size, "background": "white"},
                 "files_sha256": sha256_text("\n".join(ids))}
     return CoupledData("tuxpaint", lazy, captions, ids, identity, translations, skipped,
-                       keys=[debian.item_key("tuxpaint", root, p) for p in images])
+                       keys=[debian.item_key("tuxpaint", root, p) for p in images], one_per_caption=True)
 
 
 # --- icons (npm @iconify/json) -----------------------------------------------------
@@ -459,13 +488,17 @@ def _anchor_part(name: str) -> CoupledData:
     raise DataError(f"unknown anchor set {name!r}; known: {', '.join(ANCHOR_SETS)}, combined with '+'")
 
 
-def load_anchor_set(name: str, limit: int | None = None, seed: int = 0, exclude=None) -> AnchorSet:
+def load_anchor_set(name: str, limit: int | None = None, seed: int = 0, exclude=None,
+                    one_per_caption: bool = True) -> AnchorSet:
     """Coupled anchors by name; ``a+b`` combines sets.
 
     The order is a seeded permutation of all pairs (same seed, same order,
     on any machine). ``exclude``: item keys of a test set; those pairs leave
-    first (``removed`` counts them). ``limit`` then keeps the first ``limit``
-    of the order (``ASIF_SMOKE=1``: a few hundred)."""
+    first (``removed`` counts them), then the repeated captions of the
+    sources that keep one pair per caption (``repeated`` counts them;
+    docs/default_anchors.md, fourth round; ``one_per_caption=False`` keeps
+    them). ``limit`` then keeps the first
+    ``limit`` of the order (``ASIF_SMOKE=1``: a few hundred)."""
     limit = smoke_limit(limit)
     parts = [_anchor_part(n.strip()) for n in name.split("+") if n.strip()]
     if not parts:
@@ -474,7 +507,10 @@ def load_anchor_set(name: str, limit: int | None = None, seed: int = 0, exclude=
     if len(pairs) == 0:
         raise DataError(f"anchor set {name!r} has no pairs")
     order = pairs[np.random.default_rng(seed).permutation(len(pairs))]
+    # the test set's items leave first, so a caption keeps a pair wherever one outside it has it
     anchors = AnchorSet(name, parts, order).without(exclude)
+    if one_per_caption:
+        anchors = anchors.one_per_caption()
     if len(anchors) == 0:
         raise DataError(f"anchor set {name!r}: every pair is also in the test set; choose other anchors")
     return anchors.head(limit)

@@ -194,6 +194,21 @@ def _check_texts(items: Sequence, ids: Sequence[str], name: str) -> None:
                         f"{type(items[bad[0]]).__name__}); give every item a text, or leave it out")
 
 
+def _set_folder(encoder, kind: str, dataset: dict, ids: Sequence[str], items: Sequence, name: str,
+                root) -> tuple[Path, str]:
+    """(folder, cache key) of the embedding set of these items."""
+    key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
+    leaf = f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
+    return cache_root(root) / "embeddings" / storage.slug(name) / leaf, key
+
+
+def _is_cached(encoder, kind: str, dataset: dict, ids: Sequence[str], items: Sequence, name: str, root) -> bool:
+    """Whether a complete embedding set of these items is in the cache (its manifest has the key)."""
+    folder, key = _set_folder(encoder, kind, dataset, ids, items, name, root)
+    manifest = _read_record(folder / "manifest.json")
+    return manifest is not None and manifest.get("cache_key") == key
+
+
 def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Sequence[str],
                  name: str = "data", root: str | os.PathLike | None = None, shard_rows: int = 4096,
                  batch_size: int = 64, progress: bool = True, verify: bool = True,
@@ -222,10 +237,8 @@ def embed_cached(encoder, items: Sequence, *, kind: str, dataset: dict, ids: Seq
         raise DataError(f"{name}: nothing to embed")
     if kind == "text":
         _check_texts(items, ids, name)
-    key = cache_key(encoder, kind, dataset, ids, items if kind == "text" else None)
-    leaf = f"{kind}-{storage.slug(encoder.name)}-{key[:16]}"
-    folder = cache_root(root) / "embeddings" / storage.slug(name) / leaf
-    _adopt_former(folder, [cache_root(root) / "embeddings" / storage.slug(n) / leaf for n in former_names], key)
+    folder, key = _set_folder(encoder, kind, dataset, ids, items, name, root)
+    _adopt_former(folder, [folder.parent.parent / storage.slug(n) / folder.name for n in former_names], key)
     starts = list(range(0, n, shard_rows))
     manifest_path = folder / "manifest.json"
     # a manifest that cannot be read (truncated, emptied) is rebuilt from the shards that are intact
@@ -365,10 +378,12 @@ def _part_embeddings(part: CoupledData, rows: np.ndarray, encoder, kind: str, ro
     """Embeddings of ``part`` rows ``rows`` (sorted unique) -> (array [len(rows), d], ok [len(rows)], failed).
 
     The whole part is embedded (and cached once for every use) when at
-    least half of it is asked for; a few rows of a large part (a small
-    ``limit``) are embedded alone, so that a smoke run stays cheap.
+    least half of it is asked for, or read from the cache when it is there
+    already; a few rows of a large part (a small ``limit``) are embedded
+    alone, so that a smoke run stays cheap.
     """
-    whole = 2 * len(rows) >= len(part)
+    whole = 2 * len(rows) >= len(part) or _is_cached(
+        encoder, kind, part.identity, part.ids, part.captions if kind == "text" else part.images, part.name, root)
     ids = part.ids if whole else [part.ids[j] for j in rows]
     identity = part.identity if whole else dict(part.identity, rows=sha256_text(",".join(map(str, rows))))
     if kind == "image":

@@ -555,17 +555,20 @@ def cmd_eval(args) -> int:
 
 def _left_out(prepared) -> str:
     """What the run could not use, counted by reason: unreadable test images, anchor pairs whose
-    image failed, anchor items skipped while listing (no caption ...)."""
+    image failed, anchor items skipped while listing (no caption ...), repeated captions."""
     from collections import Counter
-    parts = []
+    anchor_set = prepared.anchors.anchor_set
     split = prepared.evals.dataset.identity.get("split", "test")
-    for what, items, key in ((f"{split} images unreadable", prepared.evals.dropped, None),
-                             ("anchor pairs with an unreadable image", prepared.anchors.dropped, None),
-                             ("anchor items skipped while listing", prepared.anchors.anchor_set.skipped, "reason")):
-        if items:
-            reasons = Counter(i[key] for i in items) if key else None
-            detail = f" ({', '.join(f'{r}: {n}' for r, n in reasons.most_common(3))})" if reasons else ""
-            parts.append(f"{len(items)} {what}{detail}")
+    skipped = Counter(i["reason"] for i in anchor_set.skipped)
+    counts = ((f"{split} images unreadable", len(prepared.evals.dropped), None),
+              ("anchor pairs with an unreadable image", len(prepared.anchors.dropped), None),
+              ("anchor items skipped while listing", len(anchor_set.skipped), skipped),
+              ("anchor pairs whose caption an earlier pair of their source has", anchor_set.repeated, None))
+    parts = []
+    for what, n, reasons in counts:
+        if n:
+            detail = f" ({', '.join(f'{r}: {k}' for r, k in reasons.most_common(3))})" if reasons else ""
+            parts.append(f"{n} {what}{detail}")
     return "; ".join(parts)
 
 

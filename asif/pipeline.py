@@ -294,6 +294,7 @@ def run_zero_shot(prepared: Prepared, *, exponents: Sequence[float] = (8.0,), no
             "prompts": evals.dataset.prompts(),
             "dropped_test_images": len(evals.dropped), "dropped_anchor_pairs": len(anchors.dropped),
             "anchors_shared_with_test_removed": anchors.anchor_set.removed,
+            "anchors_repeated_captions_removed": anchors.anchor_set.repeated,
             **(params or {})}
     # a class with no test image has no recall: null in the JSON
     headline = {"per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(evals.classnames, recall)}}

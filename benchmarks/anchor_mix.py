@@ -16,6 +16,9 @@ centring the image side, the text side or both on the anchors' mean.
 --prompts runs the third round: the prompt style (each domain's templates,
 the class name alone, or both) on V1 and the validation splits of
 tuxpaint-photos (V5) and clipart-objects (V6), whose items leave the anchors.
+
+--distinct runs the fourth round: every pair, or one pair per distinct caption
+within each source, on V1, V5, V6 as the third round.
 """
 from __future__ import annotations
 
@@ -69,13 +72,15 @@ def main():
                     help="second round: score the centring candidates (none/image/text/both) with union mixing")
     ap.add_argument("--prompts", action="store_true",
                     help="third round: score the prompt styles (dataset/bare/dataset+bare) on V1, V5, V6")
+    ap.add_argument("--distinct", action="store_true",
+                    help="fourth round: every pair or one pair per distinct caption, on V1, V5, V6")
     args = ap.parse_args()
     start = time.perf_counter()
     img_enc, txt_enc = load_image_encoder(), load_text_encoder()
-    if args.prompts:
+    if args.prompts or args.distinct:
         return prompt_round(args, img_enc, txt_enc, start)
     test_keys = set(datasets.load_dataset("tuxpaint-photos").keys) | set(datasets.load_dataset("clipart-objects").keys)
-    aset = load_anchor_set("+".join(SOURCES))
+    aset = load_anchor_set("+".join(SOURCES), one_per_caption=False)  # as the first two rounds ran
     union = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
     sources_all = aset.order[union.index, 0]  # the source of each anchor row
     row_of = {int(r): i for i, r in enumerate(union.index)}
@@ -158,35 +163,51 @@ def counted(right: np.ndarray, base: np.ndarray) -> float:
 
 
 def prompt_round(args, img_enc, txt_enc, start: float) -> None:
-    """The third round of docs/default_anchors.md: prompt styles against ``dataset``, union mixing."""
+    """The third round of docs/default_anchors.md (prompt styles against ``dataset``) or, with
+    ``args.distinct``, the fourth (one pair per caption against ``all``); union mixing."""
     v1 = cache.load_eval_embeddings("fashion-mnist", img_enc, txt_enc, split="train", limit=2000, progress=True)
     val = {"V1 fashion-mnist-train": v1.dataset}
     for name in ("tuxpaint-photos", "clipart-objects"):
         val[f"{'V5' if name == 'tuxpaint-photos' else 'V6'} {name}-validation"] = \
             datasets.load_dataset(name, split="validation")
     shared = [k for ds in val.values() for k in (ds.keys or ())]
-    anchors = cache.load_anchor_embeddings("+".join(SOURCES), img_enc, txt_enc, exclude=shared, progress=True)
+    # every pair, as these rounds were run (the fourth round's own candidate keeps one per caption)
+    aset = load_anchor_set("+".join(SOURCES), exclude=shared, one_per_caption=False)
+    anchors = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
     print(f"{len(anchors)} anchors, {anchors.anchor_set.removed} shared with the validation sets removed")
+    if args.distinct:
+        kept = {tuple(r) for r in anchors.anchor_set.one_per_caption().order.tolist()}
+        rows = np.array([tuple(anchors.anchor_set.order[i]) in kept for i in anchors.index])
+        candidates = {"all": (anchors.A_img, anchors.A_txt),
+                      "distinct": (anchors.A_img[rows], anchors.A_txt[rows])}
+        print(f"distinct: {int(rows.sum())} anchors, {int((~rows).sum())} repeated captions left out")
+        styles = {c: "dataset+bare" for c in candidates}
+    else:
+        candidates = {s: (anchors.A_img, anchors.A_txt) for s in PROMPT_STYLES}
+        styles = {s: s for s in PROMPT_STYLES}
+    base = next(iter(candidates))
     right, table = {}, {}
     for v, ds in val.items():
-        for style in PROMPT_STYLES:
-            emb = cache.load_eval_embeddings(ds.with_prompts(templates=styled(ds.templates, style)),
+        for c, (a_img, a_txt) in candidates.items():
+            emb = cache.load_eval_embeddings(ds.with_prompts(templates=styled(ds.templates, styles[c])),
                                              img_enc, txt_enc, progress=True)
-            scores = ac.classify(anchors.A_img, anchors.A_txt, emb.images, emb.prompts, len(emb.classnames),
+            scores = ac.classify(a_img, a_txt, emb.images, emb.prompts, len(emb.classnames),
                                  non_zeros=args.non_zeros, exponent=args.exponent, reduce="max")
-            right[v, style] = np.asarray(scores).argmax(1) == emb.labels
-            table.setdefault(style, {})[v] = float(right[v, style].mean())
-    gain = {s: {v: counted(right[v, s], right[v, "dataset"]) for v in val} for s in PROMPT_STYLES[1:]}
-    admissible = [s for s, g in gain.items() if min(g.values()) >= 0 and max(g.values()) > 0]
-    mean_gain = {s: float(np.mean([table[s][v] - table["dataset"][v] for v in val])) for s in PROMPT_STYLES[1:]}
-    chosen = max(admissible, key=mean_gain.get) if admissible else "dataset"
-    print_table(table, "prompts")
-    print("differences that count:", {s: {v: round(100 * g, 1) for v, g in gs.items()} for s, gs in gain.items()})
+            right[v, c] = np.asarray(scores).argmax(1) == emb.labels
+            table.setdefault(c, {})[v] = float(right[v, c].mean())
+    others = [c for c in candidates if c != base]
+    gain = {c: {v: counted(right[v, c], right[v, base]) for v in val} for c in others}
+    admissible = [c for c, g in gain.items() if min(g.values()) >= 0 and max(g.values()) > 0]
+    mean_gain = {c: float(np.mean([table[c][v] - table[base][v] for v in val])) for c in others}
+    chosen = max(admissible, key=mean_gain.get) if admissible else base
+    print_table(table, "anchors" if args.distinct else "prompts")
+    print("differences that count:", {c: {v: round(100 * g, 1) for v, g in gs.items()} for c, gs in gain.items()})
     print("admissible:", admissible, " chosen:", chosen, f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"scores": table, "counted": gain, "mean_gain": mean_gain,
                                                "admissible": admissible, "chosen": chosen,
-                                               "n_anchors": len(anchors), "sizes": {v: len(d) for v, d in val.items()},
+                                               "n_anchors": {c: int(len(a)) for c, (a, _) in candidates.items()},
+                                               "sizes": {v: len(d) for v, d in val.items()},
                                                "non_zeros": args.non_zeros, "exponent": args.exponent},
                                               indent=2) + "\n")
 

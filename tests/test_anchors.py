@@ -257,11 +257,11 @@ def test_pairs_shared_with_a_test_set_leave_the_anchors(tmp_path):
 @needs("tuxpaint-stamps-default")
 def test_tuxpaint_photos_leave_tuxpaint_anchors():
     photos = datasets.load_dataset("tuxpaint-photos")
-    full = A.load_anchor_set("tuxpaint")
-    rest = A.load_anchor_set("tuxpaint", exclude=photos.keys)
+    full = A.load_anchor_set("tuxpaint", one_per_caption=False)
+    rest = A.load_anchor_set("tuxpaint", exclude=photos.keys, one_per_caption=False)
     assert rest.removed == len(full) - len(rest) == len(set(photos.keys) & set(full.parts[0].keys)) > 300
     assert not set(rest.parts[0].keys[j] for _, j in rest.order) & set(photos.keys)
-    small = A.load_anchor_set("tuxpaint", limit=50, exclude=photos.keys)
+    small = A.load_anchor_set("tuxpaint", limit=50, exclude=photos.keys, one_per_caption=False)
     assert len(small) == 50 and small.ids == rest.ids[:50], "exclusion comes before the limit"
 
 
@@ -295,3 +295,35 @@ def test_validation_splits_share_no_item_with_the_test_sets():
         assert val.identity["split"] == "validation" and "split" not in test.identity
     with pytest.raises(DataError, match="splits 'test' and 'validation'"):
         datasets.load_dataset("tuxpaint-photos", split="train")
+
+
+def test_one_pair_per_caption_after_the_test_items_leave(tmp_path):
+    """Sources that ask for it keep the first pair (in their own order) of each caption among the
+    pairs held; the test set's items leave first, so a caption keeps a pair wherever one is left."""
+    paths = []
+    for i in range(8):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (4, 4), (i * 30, 0, 0)).save(p)
+        paths.append(p)
+    captions = ["star", "star", "moon", "star", "sun", "moon", "tree", "star"]
+    (tmp_path / "a.csv").write_text("image,caption\n" + "".join(f"{p.name},{c}\n" for p, c in zip(paths, captions)))
+    s = A.load_anchor_set(f"captions:{tmp_path / 'a.csv'}")
+    assert len(s) == 8 and s.repeated == 0, "user captions keep every pair"
+    s.parts[0].one_per_caption = True
+    s.parts[0].keys = [f"k{i}" for i in range(8)]
+    kept = s.one_per_caption()
+    assert sorted(kept.ids) == sorted(s.parts[0].ids[j] for j in (0, 2, 4, 6)) and kept.repeated == 4
+    assert [i for i in s.ids if i in set(kept.ids)] == kept.ids, "the anchor order is kept"
+    # item 0 (the first "star") is a test item: the next "star" (item 1) stands for the caption
+    held = s.without({"k0"}).one_per_caption()
+    assert sorted(held.ids) == sorted(s.parts[0].ids[j] for j in (1, 2, 4, 6))
+    assert held.removed == 1 and held.repeated == 3 and held.head(2).repeated == 3
+    assert kept.one_per_caption().ids == kept.ids, "idempotent"
+
+
+@needs("openclipart-svg")
+def test_clipart_keeps_one_drawing_per_caption():
+    full = A.load_anchor_set("clipart", one_per_caption=False)
+    kept = A.load_anchor_set("clipart")
+    assert len(set(kept.captions)) == len(kept.captions) == len(set(full.captions))
+    assert kept.repeated == len(full) - len(kept) > 1000  # 1,375 stars share one caption

@@ -369,8 +369,13 @@ def test_most_of_a_part_embeds_the_whole_part_once(tmp_path, fake_encoders):
     seven = C.load_anchor_embeddings(s.without({"k1", "k4", "k8"}), img, txt, root=tmp_path / "c", progress=False)
     assert len(seven) == 7 and img.rows == 10, "7 of 10 rows: the whole part is embedded, then selected"
     np.testing.assert_allclose(seven.A_img, img.encode([paths[int(c.split()[1])] for c in seven.captions]), atol=1e-7)
-    img.rows = 0
+    img.rows = txt.rows = 0
     whole = C.load_anchor_embeddings(name, img, txt, root=tmp_path / "c", progress=False)
     assert len(whole) == 10 and img.rows == 0, "and every later use of the part reads it"
     two = C.load_anchor_embeddings(name, img, txt, limit=2, root=tmp_path / "c", progress=False)
-    assert len(two) == 2 and img.rows == 2, "a few rows of a part are embedded alone"
+    assert len(two) == 2 and img.rows == 0 and txt.rows == 0, "a few rows are read from the whole part cached"
+    np.testing.assert_array_equal(two.A_img, whole.A_img[:2])
+    np.testing.assert_array_equal(two.A_txt, whole.A_txt[:2])
+    fresh = C.load_anchor_embeddings(name, img, txt, limit=2, root=tmp_path / "d", progress=False)
+    assert len(fresh) == 2 and img.rows == 2, "with no whole part cached, a few rows are embedded alone"
+    np.testing.assert_array_equal(fresh.A_img, two.A_img)
