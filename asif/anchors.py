@@ -497,8 +497,8 @@ def load_anchor_set(name: str, limit: int | None = None, seed: int = 0, exclude=
     first (``removed`` counts them), then the repeated captions of the
     sources that keep one pair per caption (``repeated`` counts them;
     docs/default_anchors.md, fourth round; ``one_per_caption=False`` keeps
-    them). ``limit`` then keeps the first
-    ``limit`` of the order (``ASIF_SMOKE=1``: a few hundred)."""
+    them). ``limit`` then keeps the first ``limit`` of the order
+    (``ASIF_SMOKE=1``: a few hundred)."""
     limit = smoke_limit(limit)
     parts = [_anchor_part(n.strip()) for n in name.split("+") if n.strip()]
     if not parts:
