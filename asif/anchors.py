@@ -77,10 +77,11 @@ class AnchorSet:
     [N, 2] rows of (part, item within part).
     """
 
-    def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray, removed: int = 0):
+    def __init__(self, name: str, parts: list[CoupledData], order: np.ndarray, removed: int = 0,
+                 repeated: int = 0):
         self.name, self.parts, self.order = name, parts, np.asarray(order, dtype=np.int64).reshape(-1, 2)
-        self.removed = removed  # pairs left out because a test set holds the same items
-        self.repeated = 0       # pairs left out because an earlier pair of their source has their caption
+        self.removed = removed    # pairs left out because a test set holds the same items
+        self.repeated = repeated  # pairs left out because an earlier pair of their source has their caption
 
     def __len__(self):
         return len(self.order)
@@ -120,9 +121,7 @@ class AnchorSet:
         """The first ``n`` anchors of the order (all when None)."""
         if n is None or n >= len(self):
             return self
-        out = AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n], self.removed)
-        out.repeated = self.repeated
-        return out
+        return AnchorSet(f"{self.name}[:{n}]", self.parts, self.order[:n], self.removed, self.repeated)
 
     def without(self, keys) -> "AnchorSet":
         """The anchors minus every pair whose item is in ``keys`` (the item keys of a test set read
@@ -132,9 +131,7 @@ class AnchorSet:
             return self
         drop = np.array([self.parts[p].keys is not None and self.parts[p].keys[j] in keys for p, j in self.order],
                         dtype=bool)
-        out = AnchorSet(self.name, self.parts, self.order[~drop], self.removed + int(drop.sum()))
-        out.repeated = self.repeated
-        return out
+        return AnchorSet(self.name, self.parts, self.order[~drop], self.removed + int(drop.sum()), self.repeated)
 
     def one_per_caption(self) -> "AnchorSet":
         """Within each source that asks for it (``CoupledData.one_per_caption``), one pair per
@@ -152,9 +149,7 @@ class AnchorSet:
             first.setdefault((p, self.parts[p].captions[j]), j)
         keep = np.array([not self.parts[p].one_per_caption or first[(p, self.parts[p].captions[j])] == j
                          for p, j in self.order], dtype=bool)
-        out = AnchorSet(self.name, self.parts, self.order[keep], self.removed)
-        out.repeated = self.repeated + int((~keep).sum())
-        return out
+        return AnchorSet(self.name, self.parts, self.order[keep], self.removed, self.repeated + int((~keep).sum()))
 
     @property
     def skipped(self) -> list[dict]:

@@ -221,14 +221,13 @@ def build_index(tgz: Path) -> dict:
         elif info.get("category"):
             keep(prefix, info, data)
         else:  # judged by its family's category once every set's is known
-            undecided.append((prefix, info, {"width": data.get("width"), "height": data.get("height"),
-                                             "icons": data.get("icons", {})}))
+            undecided.append((prefix, info, data))
     for prefix, info, data in undecided:
         why = set_is_excluded(prefix, info, categories)
         if why:
             skipped[prefix] = why
         else:
-            keep(prefix, info, {k: v for k, v in data.items() if v is not None})
+            keep(prefix, info, data)
     records = []
     for name in sorted(candidates):
         options = sorted(candidates[name])
