@@ -19,6 +19,9 @@ tuxpaint-photos (V5) and clipart-objects (V6), whose items leave the anchors.
 
 --distinct runs the fourth round: every pair, or one pair per distinct caption
 within each source, on V1, V5, V6 as the third round.
+
+--text-encoders runs the fifth round: all-MiniLM-L6-v2 or all-mpnet-base-v2 for the
+captions and prompts, today's anchors and prompts, on V1, V5, V6 as the third round.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ HELD_OUT = {"clipart": 500, "tuxpaint": 250, "iconify": 500}
 TIE = 0.005
 CENTRINGS = ("none", "image", "text", "both")
 PROMPT_STYLES = ("dataset", "bare", "dataset+bare")
+TEXT_ENCODERS = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")  # the fifth round's candidates, today's first
 
 
 def print_table(table: dict, corner: str) -> None:
@@ -74,10 +78,12 @@ def main():
                     help="third round: score the prompt styles (dataset/bare/dataset+bare) on V1, V5, V6")
     ap.add_argument("--distinct", action="store_true",
                     help="fourth round: every pair or one pair per distinct caption, on V1, V5, V6")
+    ap.add_argument("--text-encoders", action="store_true",
+                    help="fifth round: MiniLM or MPNet for the text side, on V1, V5, V6")
     args = ap.parse_args()
     start = time.perf_counter()
     img_enc, txt_enc = load_image_encoder(), load_text_encoder()
-    if args.prompts or args.distinct:
+    if args.prompts or args.distinct or args.text_encoders:
         return prompt_round(args, img_enc, txt_enc, start)
     test_keys = set(datasets.load_dataset("tuxpaint-photos").keys) | set(datasets.load_dataset("clipart-objects").keys)
     aset = load_anchor_set("+".join(SOURCES), one_per_caption=False)  # as the first two rounds ran
@@ -163,19 +169,28 @@ def counted(right: np.ndarray, base: np.ndarray) -> float:
 
 
 def prompt_round(args, img_enc, txt_enc, start: float) -> None:
-    """The third round of docs/default_anchors.md (prompt styles against ``dataset``) or, with
-    ``args.distinct``, the fourth (one pair per caption against ``all``); union mixing."""
+    """The third round of docs/default_anchors.md (prompt styles against ``dataset``), with
+    ``args.distinct`` the fourth (one pair per caption against ``all``), with
+    ``args.text_encoders`` the fifth (MPNet against MiniLM); union mixing."""
     v1 = cache.load_eval_embeddings("fashion-mnist", img_enc, txt_enc, split="train", limit=2000, progress=True)
     val = {"V1 fashion-mnist-train": v1.dataset}
     for name in ("tuxpaint-photos", "clipart-objects"):
         val[f"{'V5' if name == 'tuxpaint-photos' else 'V6'} {name}-validation"] = \
             datasets.load_dataset(name, split="validation")
     shared = [k for ds in val.values() for k in (ds.keys or ())]
-    # every pair, as these rounds were run (the fourth round's own candidate keeps one per caption)
-    aset = load_anchor_set("+".join(SOURCES), exclude=shared, one_per_caption=False)
+    # every pair, as the third and fourth rounds were run (the fourth round's own candidate keeps
+    # one per caption); the fifth round starts from today's anchors, one pair per caption
+    aset = load_anchor_set("+".join(SOURCES), exclude=shared, one_per_caption=args.text_encoders)
     anchors = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
     print(f"{len(anchors)} anchors, {anchors.anchor_set.removed} shared with the validation sets removed")
-    if args.distinct:
+    text_encoders = {}  # candidate -> its text encoder, where it is not the default's
+    if args.text_encoders:
+        candidates, styles = {}, {}
+        for name in TEXT_ENCODERS:
+            enc = txt_enc if name == txt_enc.name else load_text_encoder(name)
+            emb = anchors if enc is txt_enc else cache.load_anchor_embeddings(aset, img_enc, enc, progress=True)
+            candidates[name], styles[name], text_encoders[name] = (emb.A_img, emb.A_txt), "dataset+bare", enc
+    elif args.distinct:
         kept = {tuple(r) for r in anchors.anchor_set.one_per_caption().order.tolist()}
         rows = np.array([tuple(anchors.anchor_set.order[i]) in kept for i in anchors.index])
         candidates = {"all": (anchors.A_img, anchors.A_txt),
@@ -190,7 +205,7 @@ def prompt_round(args, img_enc, txt_enc, start: float) -> None:
     for v, ds in val.items():
         for c, (a_img, a_txt) in candidates.items():
             emb = cache.load_eval_embeddings(ds.with_prompts(templates=styled(ds.templates, styles[c])),
-                                             img_enc, txt_enc, progress=True)
+                                             img_enc, text_encoders.get(c, txt_enc), progress=True)
             scores = ac.classify(a_img, a_txt, emb.images, emb.prompts, len(emb.classnames),
                                  non_zeros=args.non_zeros, exponent=args.exponent, reduce="max")
             right[v, c] = np.asarray(scores).argmax(1) == emb.labels
@@ -200,7 +215,7 @@ def prompt_round(args, img_enc, txt_enc, start: float) -> None:
     admissible = [c for c, g in gain.items() if min(g.values()) >= 0 and max(g.values()) > 0]
     mean_gain = {c: float(np.mean([table[c][v] - table[base][v] for v in val])) for c in others}
     chosen = max(admissible, key=mean_gain.get) if admissible else base
-    print_table(table, "anchors" if args.distinct else "prompts")
+    print_table(table, "text encoder" if args.text_encoders else "anchors" if args.distinct else "prompts")
     print("differences that count:", {c: {v: round(100 * g, 1) for v, g in gs.items()} for c, gs in gain.items()})
     print("admissible:", admissible, " chosen:", chosen, f"({time.perf_counter() - start:.0f} s)")
     if args.json:
