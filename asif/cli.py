@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from asif.config import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from asif.errors import ASIFInputError
 
 
@@ -385,7 +386,7 @@ def _add_encoder_commands(sub) -> None:
 
     p = sub.add_parser("embed-images", help="embed image files into an [n, dim] .npy (L2-normalised, float32)")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files; row i of --out is FILE i")
-    p.add_argument("--encoder", default="efficientnet_lite0", help="image encoder name (see `asif encoders`)")
+    p.add_argument("--encoder", default=DEFAULT_IMAGE_ENCODER, help="image encoder name (see `asif encoders`)")
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", type=device_name, default="auto")
@@ -399,7 +400,7 @@ def _add_encoder_commands(sub) -> None:
     p = sub.add_parser("embed-texts", help="embed texts (anchors' captions, prompts) into an [n, dim] .npy")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts; row i of --out is TEXT i")
     p.add_argument("--from-file", metavar="PATH", help="read texts from PATH, one per line (after any TEXT)")
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="text encoder name or folder (see `asif encoders`)")
+    p.add_argument("--encoder", default=DEFAULT_TEXT_ENCODER, help="text encoder name or folder (see `asif encoders`)")
     p.add_argument("--out", required=True, help="output .npy")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", type=device_name, default="auto")
@@ -778,8 +779,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--anchors", default=DEFAULT_ANCHORS, metavar="SET",
                    help="iconify, clipart, tuxpaint, fashion-mnist-train, captions:FILE.csv|jsonl, "
                         "webdataset:PATTERN; combine with +")
-    p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME", help="see `asif encoders`")
-    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME", help="see `asif encoders`")
+    p.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER, metavar="NAME", help="see `asif encoders`")
+    p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, metavar="NAME", help="see `asif encoders`")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="the first N pairs in the set's seeded order")
     p.add_argument("--batch-size", type=positive_int, default=64)
     _add_engine_options(p)
@@ -829,9 +830,9 @@ def _add_run_commands(sub) -> None:
                         "(offline, Debian packages), "
                         "fashion-mnist-train (in-domain captions), captions:FILE.csv|jsonl (image path and caption "
                         "per row), webdataset:PATTERN (tar shards); combine sets with +")
-    p.add_argument("--image-encoder", default="efficientnet_lite0", metavar="NAME",
+    p.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER, metavar="NAME",
                    help="image encoder: a name from `asif encoders`, or any timm model (online)")
-    p.add_argument("--text-encoder", default="all-MiniLM-L6-v2", metavar="NAME",
+    p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, metavar="NAME",
                    help="text encoder: a name from `asif encoders`, any sentence-transformers model (online) "
                         "or a local model folder")
     p.add_argument("--non-zeros", type=positive_int, default=800, metavar="K",

