@@ -33,7 +33,7 @@ from asif import debian
 from asif.config import smoke_limit
 from asif.datasets import fashion_mnist, file_id
 from asif.errors import DataError
-from asif.images import LazyImages, load_image, render_svg
+from asif.images import LazyImages, RenderedSVGs, load_image, render_svg
 from asif.storage import printable, read_text, sha256_file, sha256_text
 
 __all__ = ["ANCHOR_SETS", "CoupledData", "AnchorSet", "load_anchor_set", "svg_caption", "read_tuxpaint_text"]
@@ -204,7 +204,7 @@ def _clipart(root: Path | None = None, size: int = 224) -> CoupledData:
         except OSError as e:
             skipped.append({"id": p.relative_to(root).as_posix(), "reason": f"unreadable: {e}"})
     ids = [file_id(p, root) for p in keep]
-    images = LazyImages(len(keep), lambda i: render_svg(keep[i], size))
+    images = RenderedSVGs(keep, size)
     identity = {"anchors": "clipart", "render": {"size": size, "background": "white", "renderer": "cairosvg"},
                 "files_sha256": sha256_text("\n".join(ids))}
     return CoupledData("clipart", images, captions, ids, identity, skipped=skipped,

@@ -39,7 +39,7 @@ from asif.config import cache_root, decode_threads, progress_bar, smoke_limit
 from asif.datasets import EvalDataset, load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from asif.errors import DataError, StorageError
-from asif.images import load_image, subset_images
+from asif.images import RenderedSVGs, load_image, subset_images
 from asif.storage import EmbeddingSet, sha256_text
 
 __all__ = ["cache_key", "embed_cached", "invalidate_damaged", "AnchorEmbeddings", "EvalEmbeddings",
@@ -83,15 +83,19 @@ def _encode_images(encoder, items: Sequence, rows: Sequence[int], batch_size: in
             return load_image(items[r], name=ids[r]), None
         except Exception as e:  # any decoder/renderer error: record it, never die on one image
             return None, f"{type(e).__name__}: {e}"
-    # Decoding and SVG rendering release the GIL for most of their time:
-    # a few threads keep them from serialising in front of the encoder.
-    with concurrent.futures.ThreadPoolExecutor(decode_threads()) as pool:
-        for k, (r, (image, error)) in enumerate(zip(rows, pool.map(attempt, rows))):
-            if error is None:
-                payload.append(image)
-                good.append(k)
-            else:
-                failed.append({"row": int(r), "id": ids[r], "error": error})
+    if isinstance(items, RenderedSVGs):  # cairosvg holds the GIL: processes, not threads
+        loaded = items.load_many(rows, ids, decode_threads())
+    else:
+        # Decoding releases the GIL for most of its time: a few threads keep
+        # it from serialising in front of the encoder.
+        with concurrent.futures.ThreadPoolExecutor(decode_threads()) as pool:
+            loaded = list(pool.map(attempt, rows))
+    for k, (r, (image, error)) in enumerate(zip(rows, loaded)):
+        if error is None:
+            payload.append(image)
+            good.append(k)
+        else:
+            failed.append({"row": int(r), "id": ids[r], "error": error})
     if payload:
         out[good] = _encode(encoder, payload, batch_size)
     return out, failed

@@ -365,9 +365,10 @@ def _class_folders(dataset: str) -> dict[str, str]:
     return {k: v for k, v in table.items() if not k.startswith("_")}
 
 
-def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path], render,
+def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path], images_of,
                         split: str = "test") -> EvalDataset:
-    """Files labelled by their folder's first two levels, kept where that folder is in the class table.
+    """Files labelled by their folder's first two levels, kept where that folder is in the class table;
+    ``images_of(paths)`` gives their image sequence.
 
     ``split="validation"`` takes the table ``{dataset}-validation`` of classnames.json instead:
     other folders of the same package, for choosing defaults without a test item; the
@@ -387,7 +388,7 @@ def _labelled_by_folder(dataset: str, source: str, root: Path, files: list[Path]
     identity = {"dataset": dataset, "classes": folders, "files_sha256": sha256_text("\n".join(ids))}
     if split != "test":  # the test sets' cache keys stay as they were
         identity["split"] = split
-    images = LazyImages(len(paths), lambda i: render(paths[i]))
+    images = images_of(paths)
     return EvalDataset(dataset, images, np.asarray(labels, dtype=np.int64), [folders[c] for c in order],
                        load_templates(dataset), identity, ids,
                        keys=[debian.item_key(source, root, p) for p in paths])
@@ -399,16 +400,17 @@ def _tuxpaint_photos(size: int = 224, split: str = "test") -> EvalDataset:
     root = debian.tuxpaint_root()
     files = [s.image for s in debian.tuxpaint_stamps(root)
              if s.text.exists() and "cartoon" not in s.image.relative_to(root).parts]
-    return _labelled_by_folder("tuxpaint-photos", "tuxpaint", root, files,
-                               lambda p: render_svg(p, size) if p.suffix == ".svg" else p, split)
+    def images_of(paths):  # PNG stamps, and a few SVG
+        return LazyImages(len(paths), lambda i: render_svg(paths[i], size) if paths[i].suffix == ".svg" else paths[i])
+    return _labelled_by_folder("tuxpaint-photos", "tuxpaint", root, files, images_of, split)
 
 
 def _clipart_objects(size: int = 224, split: str = "test") -> EvalDataset:
     """Openclipart drawings of things, labelled by category folder: a drawing domain held out of the anchors."""
-    from asif.images import render_svg
+    from asif.images import RenderedSVGs
     root = debian.openclipart_root()
     return _labelled_by_folder("clipart-objects", "clipart", root, debian.clipart_files(root),
-                               lambda p: render_svg(p, size), split)
+                               lambda paths: RenderedSVGs(paths, size), split)
 
 
 DATASETS = ("fashion-mnist", "tuxpaint-photos", "clipart-objects", "cifar10", "cifar100", "pets", "imagenet",

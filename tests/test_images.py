@@ -248,3 +248,59 @@ def test_lazy_images_and_subsets():
     assert len(sub) == 2 and sub[0] == 40 and sub[1] == 0
     with pytest.raises(IndexError):
         lazy[5]
+
+
+def _svgs(folder, n: int) -> list:
+    """``n`` small SVG files of different shapes and colours (some tall), then the faults: unparseable,
+    empty, missing."""
+    paths = []
+    for i in range(n):
+        p = folder / f"s{i}.svg"
+        w, h = (10, 10 + i % 3 * 7)
+        p.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}">'
+                     f'<circle cx="5" cy="5" r="{1 + i % 4}" fill="#{(i * 2654435761) % 0xFFFFFF:06x}"/></svg>')
+        paths.append(p)
+    (folder / "bad.svg").write_text("<svg><unclosed")
+    (folder / "empty.svg").write_bytes(b"")
+    return paths + [folder / "bad.svg", folder / "empty.svg", folder / "missing.svg"]
+
+
+def test_svgs_rendered_in_processes_equal_those_rendered_here(tmp_path, monkeypatch):
+    import asif.images as images_module
+    from asif.images import RenderedSVGs
+    monkeypatch.setattr(images_module, "PROCESS_MIN_SVGS", 1)  # a pool even for this handful
+    paths = _svgs(tmp_path, 21)
+    svgs = RenderedSVGs(paths, size=48)
+    names = [p.name for p in paths]
+    rows = list(range(len(paths)))[::-1]  # any order of rows
+    here = svgs.load_many(rows, names, workers=1)
+    pooled = svgs.load_many(rows, names, workers=2)
+    assert [e for _, e in pooled] == [e for _, e in here]
+    assert [r for r, (im, _) in zip(rows, pooled) if im is None] == [23, 22, 21]  # the three faults, named
+    assert all("svg" in e for _, e in pooled[:3])
+    for (a, _), (b, _), r in zip(here, pooled, rows):
+        if r < 21:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+            assert np.array_equal(np.asarray(a), np.asarray(load_image(svgs[r])))  # as one item read alone
+    # a subset keeps its rows' files and stays renderable in processes
+    sub = subset_images(svgs, np.array([3, 0]))
+    assert isinstance(sub, RenderedSVGs) and sub.paths == [paths[3], paths[0]]
+
+
+def test_the_cache_embeds_rendered_svgs_as_it_embeds_any_lazy_images(tmp_path, fake_encoders, monkeypatch):
+    # the cache takes the process path for RenderedSVGs: vectors and recorded failures must be those of
+    # the thread path over the same renders
+    from asif import cache
+    monkeypatch.setattr(cache, "decode_threads", lambda: 2)  # two worker processes on any machine
+    from asif.images import RenderedSVGs
+    paths = _svgs(tmp_path, 40)
+    svgs = RenderedSVGs(paths, size=32)
+    plain = LazyImages(len(paths), lambda i: render_svg(paths[i], 32))
+    ids = [p.name for p in paths]
+    rows = list(range(len(paths)))
+    img, _ = fake_encoders
+    a, failed_a = cache._encode_images(img, svgs, rows, 16, ids)
+    b, failed_b = cache._encode_images(img, plain, rows, 16, ids)
+    np.testing.assert_array_equal(a, b)
+    assert failed_a == failed_b and [f["id"] for f in failed_a] == ["bad.svg", "empty.svg", "missing.svg"]
+    assert not a[-3:].any() and (np.linalg.norm(a[:-3], axis=1) > 0).all()
