@@ -205,7 +205,10 @@ class RenderedSVGs(LazyImages):
 
     def __init__(self, paths: Sequence[str | os.PathLike], size: int = 224):
         self.paths, self.size = list(paths), int(size)
-        super().__init__(len(self.paths), lambda i: render_svg(self.paths[i], self.size))
+        super().__init__(len(self.paths), self._render)  # a bound method: the sequence pickles
+
+    def _render(self, i: int):
+        return render_svg(self.paths[i], self.size)
 
     def subset(self, index: np.ndarray) -> "RenderedSVGs":
         return RenderedSVGs([self.paths[int(i)] for i in index], self.size)
@@ -214,7 +217,7 @@ class RenderedSVGs(LazyImages):
         """``[(RGB PIL image, None) or (None, "Error: reason")]`` for ``rows``, each read as
         ``load_image(self[r], name=names[r])``, rendered in ``workers`` processes."""
         jobs = [(self.paths[r], self.size, names[r]) for r in rows]
-        if workers < 2 or len(jobs) < 2 * PROCESS_MIN_SVGS:  # a pool costs more than it saves
+        if workers < 2 or len(jobs) < workers * PROCESS_MIN_SVGS:  # a pool costs more than it saves
             return [_load_rendered(job) for job in jobs]
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             return list(pool.map(_load_rendered, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))))

@@ -183,7 +183,7 @@ def prompt_round(args, img_enc, txt_enc, start: float) -> None:
     aset = load_anchor_set("+".join(SOURCES), exclude=shared, one_per_caption=args.text_encoders)
     anchors = cache.load_anchor_embeddings(aset, img_enc, txt_enc, progress=True)
     print(f"{len(anchors)} anchors, {anchors.anchor_set.removed} shared with the validation sets removed")
-    text_encoders = {}  # candidate -> its text encoder, where it is not the default's
+    text_encoders = {}  # the fifth round: candidate -> its text encoder (other rounds use txt_enc)
     if args.text_encoders:
         candidates, styles = {}, {}
         for name in TEXT_ENCODERS:

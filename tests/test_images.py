@@ -285,6 +285,9 @@ def test_svgs_rendered_in_processes_equal_those_rendered_here(tmp_path, monkeypa
     # a subset keeps its rows' files and stays renderable in processes
     sub = subset_images(svgs, np.array([3, 0]))
     assert isinstance(sub, RenderedSVGs) and sub.paths == [paths[3], paths[0]]
+    import pickle
+    again = pickle.loads(pickle.dumps(sub))  # what a Ray worker receives
+    assert np.array_equal(np.asarray(again[0]), np.asarray(svgs[3]))
 
 
 def test_the_cache_embeds_rendered_svgs_as_it_embeds_any_lazy_images(tmp_path, fake_encoders, monkeypatch):
