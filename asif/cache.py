@@ -24,7 +24,6 @@ Shapes: ``N`` anchors, ``Q`` test images, ``d1``/``d2`` image/text dims,
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from asif.config import cache_root, decode_threads, progress_bar, smoke_limit
 from asif.datasets import EvalDataset, load_dataset
 from asif.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from asif.errors import DataError, StorageError
-from asif.images import RenderedSVGs, load_image, subset_images
+from asif.images import load_many, subset_images
 from asif.storage import EmbeddingSet, sha256_text
 
 __all__ = ["cache_key", "embed_cached", "invalidate_damaged", "AnchorEmbeddings", "EvalEmbeddings",
@@ -77,19 +76,7 @@ def _encode_images(encoder, items: Sequence, rows: Sequence[int], batch_size: in
     """
     out = np.zeros((len(rows), encoder.dim), dtype=np.float32)
     failed, good, payload = [], [], []
-
-    def attempt(r):
-        try:
-            return load_image(items[r], name=ids[r]), None
-        except Exception as e:  # any decoder/renderer error: record it, never die on one image
-            return None, f"{type(e).__name__}: {e}"
-    if isinstance(items, RenderedSVGs):  # cairosvg holds the GIL: processes, not threads
-        loaded = items.load_many(rows, ids, decode_threads())
-    else:
-        # Decoding releases the GIL for most of its time: a few threads keep
-        # it from serialising in front of the encoder.
-        with concurrent.futures.ThreadPoolExecutor(decode_threads()) as pool:
-            loaded = list(pool.map(attempt, rows))
+    loaded = load_many(items, rows, ids, decode_threads())
     for k, (r, (image, error)) in enumerate(zip(rows, loaded)):
         if error is None:
             payload.append(image)

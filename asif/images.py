@@ -40,7 +40,7 @@ import numpy as np
 from asif.errors import ASIFInputError, ImageLoadError, MissingDataError
 
 __all__ = ["IMAGE_EXTENSIONS", "BACKGROUND", "load_image", "to_8bit", "render_svg", "LazyImages", "RenderedSVGs",
-           "subset_images"]
+           "load_many", "subset_images"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
@@ -194,7 +194,7 @@ class LazyImages(Sequence):
 
 
 class RenderedSVGs(LazyImages):
-    """SVG files rendered on access at ``size`` px (``render_svg``); ``load_many`` renders in processes.
+    """SVG files rendered on access at ``size`` px (``render_svg``); ``load_many`` renders them in processes.
 
     cairosvg parses and draws in Python and holds the GIL for most of a render:
     on 2 cores, 120 Openclipart files render at 29 images/s in one thread, 31
@@ -213,26 +213,37 @@ class RenderedSVGs(LazyImages):
     def subset(self, index: np.ndarray) -> "RenderedSVGs":
         return RenderedSVGs([self.paths[int(i)] for i in index], self.size)
 
-    def load_many(self, rows: Sequence[int], names: Sequence[str], workers: int) -> list[tuple]:
-        """``[(RGB PIL image, None) or (None, "Error: reason")]`` for ``rows``, each read as
-        ``load_image(self[r], name=names[r])``, rendered in ``workers`` processes."""
-        jobs = [(self.paths[r], self.size, names[r]) for r in rows]
-        if workers < 2 or len(jobs) < workers * PROCESS_MIN_SVGS:  # a pool costs more than it saves
-            return [_load_rendered(job) for job in jobs]
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(_load_rendered, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))))
 
 
 PROCESS_MIN_SVGS = 16  # per worker: below that, rendering in this process is quicker than starting a pool
 
 
-def _load_rendered(job: tuple) -> tuple:
-    """(path, size, name) -> (image, None) or (None, "Error: reason"); module-level so processes can run it."""
-    path, size, name = job
+def load_many(items: Sequence, rows: Sequence[int], names: Sequence[str], workers: int) -> list[tuple]:
+    """``[(RGB PIL image, None) or (None, "Error: reason")]``: ``load_image(items[r], name=names[r])``
+    for each of ``rows``, never raising for one item. ``RenderedSVGs`` render in ``workers``
+    processes (cairosvg holds the GIL); anything else decodes in ``workers`` threads, since
+    decoding releases the GIL for most of its time."""
+    if isinstance(items, RenderedSVGs):
+        jobs = [(items.paths[r], items.size, names[r]) for r in rows]
+        if workers < 2 or len(jobs) < workers * PROCESS_MIN_SVGS:  # a pool costs more than it saves
+            return [_load_rendered(job) for job in jobs]
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(_load_rendered, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda r: _attempt(lambda: items[r], names[r]), rows))
+
+
+def _attempt(produce: Callable[[], object], name: str) -> tuple:
     try:
-        return load_image(render_svg(path, size), name=name), None
-    except Exception as e:  # any renderer error: the caller records it and goes on
+        return load_image(produce(), name=name), None
+    except Exception as e:  # any decoder/renderer error: the caller records it and goes on
         return None, f"{type(e).__name__}: {e}"
+
+
+def _load_rendered(job: tuple) -> tuple:
+    """(path, size, name) -> ``_attempt`` of its render; module-level so processes can run it."""
+    path, size, name = job
+    return _attempt(lambda: render_svg(path, size), name)
 
 
 def subset_images(images: Sequence, index: np.ndarray) -> LazyImages:

@@ -273,8 +273,8 @@ def test_svgs_rendered_in_processes_equal_those_rendered_here(tmp_path, monkeypa
     svgs = RenderedSVGs(paths, size=48)
     names = [p.name for p in paths]
     rows = list(range(len(paths)))[::-1]  # any order of rows
-    here = svgs.load_many(rows, names, workers=1)
-    pooled = svgs.load_many(rows, names, workers=2)
+    here = images_module.load_many(svgs, rows, names, workers=1)
+    pooled = images_module.load_many(svgs, rows, names, workers=2)
     assert [e for _, e in pooled] == [e for _, e in here]
     assert [r for r, (im, _) in zip(rows, pooled) if im is None] == [23, 22, 21]  # the three faults, named
     assert all("svg" in e for _, e in pooled[:3])
